@@ -1,0 +1,92 @@
+"""Reading users' image files, and the normalisation that training and inference share."""
+
+import os
+
+import numpy as np
+
+IMAGE_EXTENSIONS = ("tif", "tiff", "png", "jpg", "jpeg")
+IMAGE_DTYPES = (np.uint8, np.uint16, np.int32, np.float32)
+
+
+class ImageFileError(ValueError):
+    """A file that cannot be used; the message names the file and the problem."""
+
+
+def normalize_extension(image_format):
+    """'tif', '.tif' and 'TIF' all mean 'tif'; anything unsupported is a ValueError."""
+    extension = image_format.lstrip(".").lower()
+    if extension not in IMAGE_EXTENSIONS:
+        raise ValueError(f"image format '{image_format}' is not one of {', '.join(IMAGE_EXTENSIONS)}")
+    return extension
+
+
+def list_images(folder, image_format):
+    """Sorted file names in `folder` ending in `.{image_format}` (case-insensitive)."""
+    extension = "." + normalize_extension(image_format)
+    if not os.path.isdir(folder):
+        raise ImageFileError(f"{folder}: folder does not exist")
+    return sorted(
+        name for name in os.listdir(folder)
+        if name.lower().endswith(extension) and os.path.isfile(os.path.join(folder, name))
+    )
+
+
+def read_image(path):
+    """Decode a tif/png/jpg file into a numpy array (HW or HWC); ImageFileError if it cannot."""
+    extension = os.path.splitext(path)[1].lstrip(".").lower()
+    try:
+        if extension in ("tif", "tiff"):
+            import tifffile
+
+            array = tifffile.imread(path)
+        else:
+            import imageio.v3 as iio
+
+            array = iio.imread(path)
+    except FileNotFoundError:
+        raise ImageFileError(f"{path}: file does not exist") from None
+    except Exception as error:  # decoders raise many types for a corrupt file
+        raise ImageFileError(f"{path}: cannot decode ({type(error).__name__}: {error})") from None
+    array = np.asarray(array)
+    if array.ndim not in (2, 3) or array.size == 0:
+        raise ImageFileError(f"{path}: expected a 2-D image (HW or HWC), got shape {array.shape}")
+    return array
+
+
+def as_supported_image(array, path):
+    """Convert an image to a supported pixel type when that is lossless, else ImageFileError."""
+    if array.dtype in IMAGE_DTYPES:
+        return array
+    if array.dtype == np.bool_ or array.dtype == np.int8:
+        return array.astype(np.int32) if array.dtype == np.int8 else array.astype(np.uint8)
+    if array.dtype == np.int16:
+        return array.astype(np.int32)
+    if array.dtype == np.float16:
+        return array.astype(np.float32)
+    if array.dtype == np.float64:
+        converted = array.astype(np.float32)
+        if np.all(np.isfinite(converted) == np.isfinite(array)):
+            return converted
+    if array.dtype in (np.uint32, np.int64, np.uint64) and array.size:
+        if array.min() >= np.iinfo(np.int32).min and array.max() <= np.iinfo(np.int32).max:
+            return array.astype(np.int32)
+    raise ImageFileError(
+        f"{path}: pixel type {array.dtype} cannot be converted safely to uint8, uint16, int32 or float32"
+    )
+
+
+def zscore_normalize(image, mean=None, std=None):
+    """Per-channel z-score of an HWC image as float32; only the mean is removed where std <= 1.
+
+    `mean` and `std` (one value per channel) may be given when they were computed elsewhere, for
+    instance in a streaming pass over an image too large for memory.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 2:
+        image = image[:, :, np.newaxis]
+    if mean is None or std is None:
+        mean = image.mean(axis=(0, 1), dtype=np.float64)
+        std = image.std(axis=(0, 1), dtype=np.float64)
+    mean = np.asarray(mean, dtype=np.float32)
+    scale = np.where(np.asarray(std) > 1.0, np.asarray(std), 1.0).astype(np.float32)
+    return (image - mean) / scale
