@@ -1,0 +1,494 @@
+"""Tests of train_fcdensenet.py: the script is run as a user runs it (a subprocess), on tiny LMDBs
+(32x32 records) and a tiny FC-DenseNet (--layers_per_block 1 --growth_rate 4)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import lmdb
+import numpy as np
+import pytest
+
+import records
+from train_fcdensenet import early_stopping_status, segmentation_metrics
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO_ROOT, "train_fcdensenet.py")
+TINY_MODEL = ["--layers_per_block", "1", "--growth_rate", "4"]
+QUIET_TF = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+
+
+def make_database(path, count, size=32, channels=1, seed=0, bad_record=None, honest_keys=True):
+    """An LMDB of `count` records: uint16 noise images, masks thresholded from them (classes 0/1);
+    record `bad_record` gets class 7 in one pixel, listed in its key unless honest_keys is False."""
+    rng = np.random.default_rng(seed)
+    env = lmdb.open(str(path), map_size=1 << 26)
+    with env.begin(write=True) as transaction:
+        for index in range(count):
+            image = rng.integers(0, 1000, (size, size, channels)).astype(np.uint16)
+            mask = (image[..., 0] > 500).astype(np.uint8)
+            if index == bad_record:
+                mask[0, 0] = 7
+            key = records.make_key(f"image{index:03d}", np.unique(mask) if honest_keys else [0, 1])
+            transaction.put(key, records.encode_record(image, mask))
+    env.close()
+    with open(os.path.join(path, records.FILENAMES_CSV), "w") as handle:
+        handle.write("".join(f"image{index:03d}.tif\n" for index in range(count)))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def databases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("databases")
+    return {
+        "train": make_database(root / "train.lmdb", 16, seed=1),
+        "test": make_database(root / "test.lmdb", 5, seed=2),
+        "rgb": make_database(root / "rgb.lmdb", 4, channels=3, seed=3),
+        "bad": make_database(root / "bad.lmdb", 6, seed=4, bad_record=3),
+        "bad_hidden": make_database(root / "bad_hidden.lmdb", 6, seed=4, bad_record=3, honest_keys=False),
+    }
+
+
+def train_command(databases, output_dir, *extra, train="train", test="test"):
+    return [sys.executable, SCRIPT, "--train_database", databases[train], "--test_database",
+            databases[test], "--output_dir", str(output_dir), *TINY_MODEL, *extra]
+
+
+def run(command, timeout=240, env=None):
+    """Run a command in its own process group; return (result, processes left in that group)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, **QUIET_TF, **(env or {})), start_new_session=True)
+    stdout, stderr = process.communicate(timeout=timeout)
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    return result, group_members(process.pid)
+
+
+def group_members(group, grace=5.0):
+    """Command lines of live processes in process group `group` (orphaned reader workers would be),
+    after waiting up to `grace` seconds for them to go (multiprocessing's resource tracker ends
+    shortly after the trainer)."""
+    deadline = time.monotonic() + grace
+    while True:
+        members = _group_members(group)
+        if not members or time.monotonic() > deadline:
+            return members
+        time.sleep(0.2)
+
+
+def _group_members(group):
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    members.append(handle.read().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:
+                continue
+    return members
+
+
+def scalar_tags(event_file):
+    """Tags of the scalar summaries (as TensorBoard's scalars dashboard finds them) in an event file."""
+    import tensorflow as tf
+
+    tags = set()
+    for record in tf.data.TFRecordDataset(str(event_file)):
+        event = tf.compat.v1.Event.FromString(record.numpy())
+        for value in event.summary.value:
+            if value.metadata.plugin_data.plugin_name == "scalars":
+                tags.add(value.tag)
+    return tags
+
+
+def read_csv_rows(path):
+    with open(path) as handle:
+        return [line.rstrip("\n").split(",") for line in handle]
+
+
+# ----------------------------------------------------------------------------------------------
+# pure functions
+
+
+@pytest.mark.parametrize("losses, patience, expected", [
+    ([], 10, (None, False)),
+    ([1.0], 0, (0, True)),  # 1 epoch run - best 0 > 0
+    ([1.0, 0.9, 0.8], 1, (2, False)),
+    ([1.0, 0.9, 0.95], 2, (1, False)),  # 3 run - best 1 = 2, not > 2
+    ([1.0, 0.9, 0.95, 0.97], 2, (1, True)),  # 4 - 1 = 3 > 2
+    ([1.0, 0.9, 0.90005, 0.89995], 2, (1, True)),  # within 1e-4 of the minimum: the first one is best
+    ([1.0, 0.9, 0.8998, 0.95], 2, (2, False)),  # 0.0002 better: a real improvement
+])
+def test_early_stopping_rule(losses, patience, expected):
+    best_epoch, stop = early_stopping_status(losses, patience)
+    assert (best_epoch, stop) == expected
+
+
+def test_segmentation_metrics():
+    confusion = np.array([[5, 1, 0], [2, 2, 0], [0, 0, 0]])  # class 2 absent everywhere
+    accuracy, iou, mean_iou = segmentation_metrics(confusion)
+    assert accuracy == pytest.approx(7 / 10)
+    assert iou[0] == pytest.approx(5 / 8) and iou[1] == pytest.approx(2 / 5) and np.isnan(iou[2])
+    assert mean_iou == pytest.approx((5 / 8 + 2 / 5) / 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# the loss is divided by the global batch: one step is the same on 1 and 2 replicas
+
+REPLICA_STEP = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import tensorflow as tf
+    replicas, output = int(sys.argv[1]), sys.argv[2]
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
+    import keras
+    import fcdensenet
+    import train_fcdensenet as T
+
+    strategy = T.make_strategy()
+    assert strategy.num_replicas_in_sync == replicas
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        model = fcdensenet.build_model("FCDenseNet56", number_channels=2, number_classes=3, dropout_rate=0.0,
+                                       layers_per_block=1, growth_rate=4)
+    optimizer = T.build_optimizer(strategy, model, learning_rate=1e-3)
+    initial = [w.copy() for w in model.get_weights()]
+    rng = np.random.default_rng(5)
+    half_images = rng.standard_normal((2, 32, 32, 2)).astype(np.float32)
+    half_masks = rng.integers(0, 3, (2, 32, 32)).astype(np.uint8)
+    # the global batch is one half twice: each replica's BatchNormalization statistics then equal
+    # the global batch's, so any difference left comes from how the loss is divided and reduced
+    images, masks = np.concatenate([half_images] * 2), np.concatenate([half_masks] * 2)
+    dataset = lambda: tf.data.Dataset.from_tensor_slices((images, masks)).repeat()
+    iterator = iter(T.distribute(strategy, dataset, 4))
+    expected = np.nan
+    if replicas == 1:  # the mean over the batch of each example's mean pixel loss, computed directly
+        probabilities = model(images, training=True).numpy()
+        picked = np.take_along_axis(probabilities, masks[..., None].astype(np.int64), axis=-1)
+        expected = float(np.mean(-np.log(np.clip(picked, 1e-7, 1.0))))
+        model.set_weights(initial)  # undo the BatchNormalization statistics update of that call
+    step = T.make_train_step(strategy, model, optimizer, global_batch_size=4)
+    loss, correct, pixels, votes = step(iterator, tf.constant(1.0)).numpy()
+    np.savez(output, loss=loss, expected=expected, pixels=pixels, votes=votes, *initial,
+             **{f"after_{i}": w for i, w in enumerate(model.get_weights())})
+""")
+
+
+def test_one_step_is_the_same_on_one_and_two_replicas(tmp_path):
+    script = tmp_path / "replica_step.py"
+    script.write_text(REPLICA_STEP)
+    env = dict(os.environ, **QUIET_TF, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    processes = {  # side by side: each is mostly TensorFlow start-up
+        replicas: subprocess.Popen(
+            [sys.executable, str(script), str(replicas), str(tmp_path / f"step{replicas}.npz")],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for replicas in (1, 2)}
+    for process in processes.values():
+        log = process.communicate(timeout=240)[0]
+        assert process.returncode == 0, log[-3000:]
+    one, two = (dict(np.load(tmp_path / f"step{replicas}.npz")) for replicas in (1, 2))
+    assert one["pixels"] == two["pixels"] == 4 * 32 * 32
+    assert one["votes"] == 1 and two["votes"] == 2  # every replica reports the stop request
+    assert one["loss"] == pytest.approx(float(one["expected"]), rel=1e-5)
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    initial = [key for key in one if key.startswith("arr_")]
+    after = [key for key in one if key.startswith("after_")]
+    assert initial and len(initial) == len(after)
+    for key in initial:
+        np.testing.assert_array_equal(one[key], two[key])  # same start
+    moved = 0
+    for key in after:
+        np.testing.assert_allclose(two[key], one[key], rtol=0, atol=1e-5, err_msg=key)
+        moved += not np.allclose(one[key], one[key.replace("after_", "arr_")])
+    assert moved > len(after) // 2  # the step did update the weights
+
+
+MIXED_STEP = textwrap.dedent("""
+    import numpy as np
+    import tensorflow as tf
+    import keras
+    import fcdensenet
+    import train_fcdensenet as T
+
+    keras.mixed_precision.set_global_policy("mixed_float16")  # as --mixed_precision 1 does on a GPU
+    strategy = T.make_strategy()
+    with strategy.scope():
+        model = fcdensenet.build_model("FCDenseNet56", number_channels=1, number_classes=2,
+                                       layers_per_block=1, growth_rate=4)
+    optimizer = T.build_optimizer(strategy, model, learning_rate=1e-3, mixed_precision=True)
+    assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    before = [w.copy() for w in model.get_weights()]
+    images = np.random.default_rng(0).standard_normal((4, 32, 32, 1)).astype(np.float32)
+    masks = (images[..., 0] > 0).astype(np.uint8)
+    dataset = lambda: tf.data.Dataset.from_tensor_slices((images, masks)).repeat()
+    iterator = iter(T.distribute(strategy, dataset, 4))
+    step = T.make_train_step(strategy, model, optimizer, global_batch_size=4)
+    losses = [float(step(iterator, tf.constant(0.0)).numpy()[0]) for _ in range(3)]
+    assert all(np.isfinite(losses)), losses
+    moved = sum(not np.allclose(a, b) for a, b in zip(before, model.get_weights()))
+    assert moved > 0, "no weight changed: every step was skipped as non-finite"
+    print("ok", losses)
+""")
+
+
+def test_mixed_precision_step_scales_the_loss_and_trains(tmp_path):
+    """The loss-scaling path of --mixed_precision, exercised on the CPU (the flag itself refuses it)."""
+    script = tmp_path / "mixed_step.py"
+    script.write_text(MIXED_STEP)
+    result, _ = run([sys.executable, str(script)],
+                    env={"PYTHONPATH": REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")})
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# end to end
+
+
+def test_tiny_run_writes_every_output(databases, tmp_path):
+    import fcdensenet
+    import image_files
+
+    config = tmp_path / "augment.json"
+    config.write_text(json.dumps({"rotation": False, "noise_severity": 0.0}))
+    output = tmp_path / "run"
+    command = train_command(databases, output, "--batch_size", "2", "--test_every_n_steps", "3",
+                            "--max_epochs", "2", "--seed", "3", "--augmentation_config", str(config),
+                            "--log_every_n_steps", "2")
+    result, left = run(command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not left
+    out = result.stdout
+    assert "train records: 16  test records: 5  image size: 32x32  channels: 1" in out
+    assert "global batch: 2" in out and "parameters:" in out
+    assert "rotation=False" in out and "noise_severity=0.0" in out and "reflection=True" in out
+    assert "epoch 0 step 2/3 (global 2) loss " in out and "lr 1.00e-05 images/s " in out
+    assert "epoch 1 step 3/3 (global 6) loss " in out and "lr 1.00e-04 images/s " in out
+
+    losses = [float(line) for line in (output / "test_loss.csv").read_text().split()]
+    assert len(losses) == 2
+    rows = read_csv_rows(output / "test_metrics.csv")
+    assert rows[0] == ["epoch", "global_step", "test_loss", "pixel_accuracy", "mean_iou",
+                       "iou_class_0", "iou_class_1"]
+    assert [row[:2] for row in rows[1:]] == [["0", "3"], ["1", "6"]]
+    assert [float(row[2]) for row in rows[1:]] == losses
+    for row in rows[1:]:
+        assert 0 <= float(row[3]) <= 1 and 0 <= float(row[4]) <= 1
+    assert (output / "checkpoint" / "ckpt.index").is_file()
+    boards = [name for name in os.listdir(output) if name.startswith("tensorboard-")]
+    assert len(boards) == 1
+    tags = {}
+    for part in ("train", "test"):
+        events = os.listdir(output / boards[0] / part)
+        assert len(events) == 1 and events[0].startswith("events.out.tfevents")
+        tags[part] = scalar_tags(output / boards[0] / part / events[0])
+    assert {"loss", "accuracy", "learning_rate", "images_per_second"} <= tags["train"]
+    assert {"loss", "pixel_accuracy", "mean_iou", "iou/class_0", "iou/class_1"} <= tags["test"]
+
+    # the SavedModel is the best epoch's model: its loss over the test records is the logged one
+    best_epoch, _ = early_stopping_status(losses, 10)
+    predict, metadata = fcdensenet.load_saved_model(str(output / "saved_model"))
+    assert metadata["number_classes"] == 2 and metadata["number_channels"] == 1
+    assert metadata["training"]["batch_size"] == 2 and metadata["training"]["epoch"] == best_epoch
+    env = lmdb.open(databases["test"], readonly=True, lock=False)
+    with env.begin() as transaction:
+        pairs = [records.decode_record(value) for _, value in transaction.cursor()]
+    env.close()
+    images = np.stack([image_files.zscore_normalize(pair.image) for pair in pairs])
+    masks = np.stack([pair.mask for pair in pairs]).astype(np.int64)
+    probabilities = predict(images)
+    picked = np.take_along_axis(probabilities, masks[..., None], axis=-1)
+    assert float(np.mean(-np.log(np.clip(picked, 1e-7, 1)))) == pytest.approx(losses[best_epoch], rel=1e-4)
+
+    again, _ = run(command)  # a finished run says so and does nothing
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already finished" in again.stdout
+    assert len((output / "test_loss.csv").read_text().split()) == 2
+
+    changed, _ = run(command + ["--learning_rate", "0.01"])
+    assert changed.returncode != 0
+    assert changed.stderr.strip().splitlines()[-1].startswith(f"error: {output}: holds a run with different")
+
+
+# ----------------------------------------------------------------------------------------------
+# interrupt and resume
+
+
+def interrupt_after(command, marker, send, timeout=240):
+    """Run the trainer until a stdout line contains `marker`, then call send(process); return
+    (return code, stdout)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               env=dict(os.environ, **QUIET_TF), start_new_session=True)
+    lines, sent, deadline = [], False, time.monotonic() + timeout
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if not sent and marker in line:
+                send(process)
+                sent = True
+            assert time.monotonic() < deadline, "".join(lines)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert sent, "".join(lines)
+    assert not group_members(process.pid)
+    return process.returncode, "".join(lines)
+
+
+def test_interrupt_and_resume_keep_the_history_continuous(databases, tmp_path):
+    output = tmp_path / "run"
+    command = train_command(databases, output, "--batch_size", "2", "--test_every_n_steps", "4",
+                            "--max_epochs", "3", "--seed", "0", "--log_every_n_steps", "1")
+
+    # Ctrl-C to the trainer alone, in the middle of epoch 1
+    code, out = interrupt_after(command, "epoch 1 step 1/4", lambda p: p.send_signal(signal.SIGINT))
+    assert code == 130, out
+    assert "received SIGINT: saved a resume point at epoch 1 step " in out
+    state = json.loads((output / "resume" / "state.json").read_text())
+    assert state["epoch"] == 1 and len(state["history"]) == 1 and 1 <= state["step_in_epoch"] <= 4
+
+    # SIGTERM to the whole process group, as SLURM preempts: the reader workers die too
+    code, out = interrupt_after(command, "(global ", lambda p: os.killpg(p.pid, signal.SIGTERM))
+    assert code == 143, out
+    assert f"resuming at epoch 1 step {state['step_in_epoch']} " in out
+    assert "saved a resume point" in out
+
+    result, left = run(command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not left and "resuming at epoch " in result.stdout
+    assert "finished: max_epochs 3 reached" in result.stdout
+    rows = read_csv_rows(output / "test_metrics.csv")
+    assert [row[:2] for row in rows[1:]] == [["0", "4"], ["1", "8"], ["2", "12"]]  # none lost or repeated
+    assert len((output / "test_loss.csv").read_text().split()) == 3
+    assert len([name for name in os.listdir(output) if name.startswith("tensorboard-")]) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing_database", "error: /nonexistent/train.lmdb: "),
+    ("channel_mismatch", "channel"),
+    ("class_in_key", "image003"),
+    ("class_in_record", "image003"),
+    ("batch_size", "error: --batch_size must be >= 1"),
+    ("test_every_n_steps", "error: --test_every_n_steps must be >= 1"),
+    ("foreign_output", "holds another run's files"),
+    ("mixed_precision_on_cpu", "needs a GPU"),
+])
+def test_bad_input_fails_with_one_line(databases, tmp_path, case, expected):
+    output = tmp_path / "run"
+    extra = ["--test_every_n_steps", "2", "--max_epochs", "1", "--batch_size", "2"]
+    command = train_command(databases, output, *extra)
+    if case == "missing_database":
+        command = [sys.executable, SCRIPT, "--train_database", "/nonexistent/train.lmdb", "--test_database",
+                   databases["test"], "--output_dir", str(output)]
+    elif case == "channel_mismatch":
+        command = train_command(databases, output, *extra, test="rgb")
+    elif case == "class_in_key":
+        command = train_command(databases, output, *extra, train="bad")
+    elif case == "class_in_record":  # the key hides it: a reader worker finds it
+        command = train_command(databases, output, *extra, train="bad_hidden")
+    elif case in ("batch_size", "test_every_n_steps"):
+        command += [f"--{case}", "0"]
+    elif case == "foreign_output":
+        output.mkdir()
+        (output / "test_loss.csv").write_text("0.5\n")
+    elif case == "mixed_precision_on_cpu":
+        command += ["--mixed_precision", "1"]
+    result, left = run(command)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and expected in last, result.stderr[-3000:]
+    assert not left  # no reader worker outlives the trainer
+
+
+# ----------------------------------------------------------------------------------------------
+# multi-worker: two processes on this machine, as two nodes would run
+
+WORKER_STEPS = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import tensorflow as tf
+    import fcdensenet
+    import train_fcdensenet as T
+
+    output_dir, result = sys.argv[1], sys.argv[2]
+    strategy = T.make_strategy()
+    is_chief, index, workers = T.worker_info(strategy)
+    with strategy.scope():  # no seed: the workers agree on the initial weights through the strategy
+        model = fcdensenet.build_model("FCDenseNet56", number_channels=1, number_classes=2, dropout_rate=0.0,
+                                       layers_per_block=1, growth_rate=4)
+    optimizer = T.build_optimizer(strategy, model, learning_rate=1e-3)
+    rng = np.random.default_rng(index)  # each worker its own examples, as each has its own readers
+    images = rng.standard_normal((8, 32, 32, 1)).astype(np.float32)
+    masks = (images[..., 0] > 0).astype(np.uint8)
+    dataset = lambda: tf.data.Dataset.from_tensor_slices((images, masks)).repeat()
+    iterator = iter(T.distribute(strategy, dataset, 4))
+    step = T.make_train_step(strategy, model, optimizer, global_batch_size=4)
+    for number in range(3):  # worker 1 is signalled before the last step
+        totals = step(iterator, tf.constant(1.0 if index == 1 and number == 2 else 0.0)).numpy()
+    T.make_statistics_sync(strategy, model)()  # as the trainer does before testing and saving
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+    T.save_resume_point(output_dir, checkpoint, {"written_by": index}, is_chief)
+    np.savez(result, is_chief=is_chief, index=index, workers=workers, votes=totals[3], *model.get_weights())
+""")
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def test_two_workers_end_with_identical_weights_and_only_the_chief_writes(tmp_path):
+    script = tmp_path / "worker_steps.py"
+    script.write_text(WORKER_STEPS)
+    output = tmp_path / "run"
+    output.mkdir()
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    processes = []
+    for index in range(2):
+        config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        env = dict(os.environ, **QUIET_TF, TF_CONFIG=json.dumps(config),
+                   PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        processes.append(subprocess.Popen(
+            [sys.executable, str(script), str(output), str(tmp_path / f"worker{index}.npz")],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True))
+    try:
+        logs = [process.communicate(timeout=180)[0] for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    for process, log in zip(processes, logs):
+        assert process.returncode == 0, log[-3000:]
+    chief, other = (dict(np.load(tmp_path / f"worker{index}.npz")) for index in range(2))
+    assert (bool(chief["is_chief"]), int(chief["index"]), int(chief["workers"])) == (True, 0, 2)
+    assert (bool(other["is_chief"]), int(other["index"]), int(other["workers"])) == (False, 1, 2)
+    assert chief["votes"] == other["votes"] == 1  # worker 1's stop request reached worker 0 in the same step
+    weights = [key for key in chief if key.startswith("arr_")]
+    assert weights
+    for key in weights:
+        np.testing.assert_allclose(other[key], chief[key], rtol=1e-6, atol=1e-7, err_msg=key)
+    assert sorted(os.listdir(output)) == ["resume"]
+    state = json.loads((output / "resume" / "state.json").read_text())
+    assert state == {"written_by": 0}

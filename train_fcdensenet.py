@@ -1,0 +1,843 @@
+"""Train an FC-DenseNet on the LMDB databases written by build_lmdb.py.
+
+    python train_fcdensenet.py --train_database data/train-HES.lmdb --test_database data/test-HES.lmdb \
+        --output_dir runs/hes
+    python train_fcdensenet.py --train_database data/train-HES.lmdb --test_database data/test-HES.lmdb \
+        --output_dir runs/hes67 --model FCDenseNet67 --batch_size 8 --augmentation_config augment.json
+    srun python train_fcdensenet.py ...     # SLURM, one task per node: MultiWorkerMirroredStrategy
+
+One process drives every visible GPU through MirroredStrategy (all logical CPUs when there is no GPU);
+with TF_CONFIG set, or under SLURM with more than one task, MultiWorkerMirroredStrategy spans nodes.
+The first epoch is a warm-up of min(1000, test_every_n_steps) steps at learning_rate / 10; every later
+epoch is test_every_n_steps steps at learning_rate, followed by a pass over the whole test set.
+
+Files in output_dir (written by the chief worker only):
+    run_settings.json        the settings that define this run (a resumed run must match them)
+    test_loss.csv            the test loss after every epoch, one value a line (as the reference)
+    test_metrics.csv         epoch, step, test loss, pixel accuracy, mean IoU and per-class IoU
+    checkpoint/ckpt*         the best model's weights (tf.train.Checkpoint, as the reference)
+    saved_model/             the best model as a SavedModel (fcdensenet.load_saved_model loads it)
+    tensorboard-<time>/      TensorBoard summaries under train/ and test/
+    resume/                  model + optimizer checkpoint and state.json, to continue an interrupted run
+
+Ctrl-C or SIGTERM (SLURM preemption) ends the current step, saves resume/ and exits with status 128 +
+the signal number (130 for SIGINT, 143 for SIGTERM); running the same command again continues the
+run. A second Ctrl-C aborts at once (the last epoch's resume point stays valid).
+"""
+
+import argparse
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from augment import AugmentationConfig
+from imagereader import ImageReader, ReaderError
+
+if __name__ != "__mp_main__":
+    # The reader starts its workers with 'spawn', which re-imports this script (as __mp_main__) in
+    # every worker. They need no TensorFlow: skipping it saves each one seconds and ~0.5 GB.
+    import keras
+    import tensorflow as tf
+    from tensorflow.core.framework import summary_pb2
+
+    import fcdensenet
+
+CONVERGENCE_TOLERANCE = 1e-4  # the reference's: test losses this close count as equal
+MAX_WARMUP_STEPS = 1000
+WARMUP_LR_DIVISOR = 10.0
+SETTINGS_FILE = "run_settings.json"
+TEST_LOSS_FILE = "test_loss.csv"
+TEST_METRICS_FILE = "test_metrics.csv"
+BEST_CHECKPOINT_DIR = "checkpoint"
+SAVED_MODEL_DIR = "saved_model"
+RESUME_DIR = "resume"
+STATE_FILE = "state.json"
+CKPT_PREFIX = "ckpt"
+# outputs that mark a folder as holding a training run (ours or the reference's)
+RUN_MARKERS = (SETTINGS_FILE, TEST_LOSS_FILE, TEST_METRICS_FILE, BEST_CHECKPOINT_DIR, SAVED_MODEL_DIR,
+               RESUME_DIR)
+# settings that must match for a run to continue in the same output folder
+RUN_DEFINING = ("train_database", "test_database", "batch_size", "number_classes", "learning_rate",
+                "test_every_n_steps", "balance_classes", "use_augmentation", "early_stopping",
+                "model", "layers_per_block", "growth_rate", "dropout_rate", "seed", "mixed_precision",
+                "augmentation")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Train an FC-DenseNet segmentation model on LMDB databases (see build_lmdb.py).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--train_database", required=True, help="training LMDB directory")
+    parser.add_argument("--test_database", required=True, help="test LMDB directory")
+    parser.add_argument("--output_dir", required=True,
+                        help="where checkpoints, CSVs, TensorBoard logs and the SavedModel go")
+    parser.add_argument("--batch_size", type=int, default=4, help="examples per replica and step")
+    parser.add_argument("--number_classes", type=int, default=2, help="classes in the masks (0 = background)")
+    parser.add_argument("--learning_rate", type=float, default=1e-4, help="Adam learning rate after warm-up")
+    parser.add_argument("--test_every_n_steps", type=int, default=1000,
+                        help="training steps per epoch; the test set is evaluated after each epoch")
+    parser.add_argument("--balance_classes", type=int, default=0, choices=(0, 1),
+                        help="1: draw training records class-balanced (pick a class, then a record with it)")
+    parser.add_argument("--use_augmentation", type=int, default=1, choices=(0, 1),
+                        help="1: augment training examples (see --augmentation_config)")
+    parser.add_argument("--early_stopping", type=int, default=10,
+                        help="stop after this many epochs without a test loss improvement > 1e-4")
+    parser.add_argument("--reader_count", type=int, default=1, help="reader processes per replica")
+    parser.add_argument("--model", default=fcdensenet.DEFAULT_VARIANT, choices=sorted(fcdensenet.VARIANTS),
+                        help="FC-DenseNet variant")
+    parser.add_argument("--layers_per_block", type=int, default=None,
+                        help="override the variant's layers per dense block (every block); "
+                             "unset: the variant's")
+    parser.add_argument("--growth_rate", type=int, default=None,
+                        help="override the variant's growth rate; unset: the variant's")
+    parser.add_argument("--dropout_rate", type=float, default=0.2,
+                        help="dropout rate of the dense layers and transitions down")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed for weight initialisation, dropout and the readers; unset: random")
+    parser.add_argument("--augmentation_config", default=None,
+                        help="JSON file of augmentation settings (augment.AugmentationConfig fields); "
+                             "unset: the reference's settings")
+    parser.add_argument("--max_epochs", type=int, default=None,
+                        help="stop after this many epochs (the warm-up counts); unset: no limit")
+    parser.add_argument("--mixed_precision", type=int, default=0, choices=(0, 1),
+                        help="1: mixed_float16 compute with loss scaling (needs a GPU)")
+    parser.add_argument("--log_every_n_steps", type=int, default=100, help="steps between progress lines")
+    return parser.parse_args(argv)
+
+
+def check_args(args):
+    """Raise ValueError for settings no run can use (before anything is started)."""
+    for name in ("batch_size", "test_every_n_steps", "reader_count", "log_every_n_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.number_classes < 2:
+        raise ValueError(f"--number_classes must be >= 2, got {args.number_classes}")
+    if args.early_stopping < 0:
+        raise ValueError(f"--early_stopping must be >= 0, got {args.early_stopping}")
+    if not args.learning_rate > 0:
+        raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate}")
+    if args.max_epochs is not None and args.max_epochs < 1:
+        raise ValueError(f"--max_epochs must be >= 1, got {args.max_epochs}")
+    if not 0 <= args.dropout_rate < 1:
+        raise ValueError(f"--dropout_rate must be in [0, 1), got {args.dropout_rate}")
+    for name in ("layers_per_block", "growth_rate"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("train_database", "test_database"):
+        path = getattr(args, name)
+        if not os.path.isdir(path):
+            raise ValueError(f"{path}: no such database (an LMDB directory written by build_lmdb.py)")
+    if args.mixed_precision and not tf.config.list_physical_devices("GPU"):
+        raise ValueError("--mixed_precision 1 needs a GPU (float16 compute is slower than float32 on "
+                         "the CPU, and this machine shows no GPU to TensorFlow)")
+
+
+# ----------------------------------------------------------------------------------------------
+# early stopping
+
+
+def early_stopping_status(test_losses, patience, tolerance=CONVERGENCE_TOLERANCE):
+    """Return (best_epoch, stop) for a test loss history, with the reference's rule.
+
+    The best epoch is the first whose loss is within `tolerance` of the minimum; training stops once
+    the number of epochs run minus the best epoch exceeds `patience`.
+    """
+    if not test_losses:
+        return None, False
+    losses = np.asarray(test_losses, dtype=np.float64)
+    best_epoch = int(np.flatnonzero(np.abs(losses - losses.min()) < tolerance)[0])
+    return best_epoch, len(losses) - best_epoch > patience
+
+
+# ----------------------------------------------------------------------------------------------
+# distribution
+
+
+def make_strategy():
+    """MultiWorkerMirroredStrategy for a multi-node job, else MirroredStrategy over local devices."""
+    if os.environ.get("TF_CONFIG"):
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        resolver = tf.distribute.cluster_resolver.SlurmClusterResolver()
+        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+    return tf.distribute.MirroredStrategy([device.name for device in devices])
+
+
+def worker_info(strategy):
+    """(is_chief, worker index, number of workers) of this process."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None:
+        return True, 0, 1
+    spec = resolver.cluster_spec().as_dict()
+    workers = sum(len(tasks) for name, tasks in spec.items() if name in ("chief", "worker"))
+    task_type, task_id = resolver.task_type, resolver.task_id or 0
+    if task_type == "chief":
+        return True, 0, workers
+    offset = 1 if "chief" in spec else 0
+    return task_type == "worker" and task_id == 0 and offset == 0, task_id + offset, workers
+
+
+def distribute(strategy, make_dataset, global_batch_size):
+    """A distributed dataset: each worker batches its own stream per replica (no sharding needed,
+    every worker has its own readers), and replicas take consecutive batches in turn."""
+    def dataset_fn(context):
+        batch = context.get_per_replica_batch_size(global_batch_size)
+        return make_dataset().batch(batch, drop_remainder=True).prefetch(1)
+    return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+# ----------------------------------------------------------------------------------------------
+# model, loss and steps
+
+
+def build_model(args, number_channels):
+    return fcdensenet.build_model(args.model, number_channels=number_channels,
+                                  number_classes=args.number_classes, dropout_rate=args.dropout_rate,
+                                  layers_per_block=args.layers_per_block, growth_rate=args.growth_rate)
+
+
+def build_optimizer(strategy, model, learning_rate, mixed_precision=False):
+    """Adam, built inside the strategy scope before the first distributed step (see STACK-NOTES)."""
+    with strategy.scope():
+        optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
+        if mixed_precision:
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        optimizer.build(model.trainable_variables)
+    return optimizer
+
+
+def per_example_loss(labels, probabilities):
+    """Categorical cross-entropy of the softmax, averaged over each example's pixels: shape (N,)."""
+    pixel_loss = keras.losses.sparse_categorical_crossentropy(labels, probabilities)
+    return tf.reduce_mean(tf.reshape(pixel_loss, [tf.shape(pixel_loss)[0], -1]), axis=1)
+
+
+def make_train_step(strategy, model, optimizer, global_batch_size):
+    """step(iterator, stop) -> [loss, correct pixels, pixels, stop votes], summed over all replicas.
+
+    Each replica divides its summed loss by the GLOBAL batch size, so that the all-reduced gradient
+    is the gradient of the mean over the global batch whatever the replica count. `stop` (0 or 1 per
+    worker) is summed with the rest so every worker learns in the same step that one was signalled.
+    """
+    replicas = strategy.num_replicas_in_sync
+    scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+
+    def replica_step(images, masks, stop):
+        labels = tf.cast(masks, tf.int32)
+        with tf.GradientTape() as tape:
+            probabilities = model(images, training=True)
+            loss = tf.reduce_sum(per_example_loss(labels, probabilities)) / global_batch_size
+            objective = loss
+            if model.losses:  # L2 terms: counted once over the sum of the replicas
+                objective += tf.add_n(model.losses) / replicas
+            if scaled:
+                objective = optimizer.scale_loss(objective)
+        gradients = tape.gradient(objective, model.trainable_variables)
+        optimizer.apply(gradients, model.trainable_variables)
+        predicted = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
+        correct = tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.float32))
+        pixels = tf.cast(tf.size(labels), tf.float32)
+        return tf.stack([loss, correct, pixels, stop])
+
+    @tf.function
+    def step(iterator, stop):
+        images, masks = next(iterator)
+        per_replica = strategy.run(replica_step, args=(images, masks, stop))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    return step
+
+
+def make_test_step(strategy, model, number_classes):
+    """step(iterator, stop) -> ([loss sum, examples, stop votes], confusion matrix), summed over replicas.
+
+    Examples carry a weight (0 for the padding of the last batch of a pass) so a pass counts every
+    test record exactly once.
+    """
+    def replica_step(images, masks, weights, stop):
+        labels = tf.cast(masks, tf.int32)
+        probabilities = model(images, training=False)
+        loss_sum = tf.reduce_sum(per_example_loss(labels, probabilities) * weights)
+        predicted = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
+        pixel_weights = tf.broadcast_to(weights[:, None, None], tf.shape(labels))
+        confusion = tf.math.confusion_matrix(tf.reshape(labels, [-1]), tf.reshape(predicted, [-1]),
+                                             num_classes=number_classes,
+                                             weights=tf.reshape(pixel_weights, [-1]), dtype=tf.float32)
+        return tf.stack([loss_sum, tf.reduce_sum(weights), stop]), confusion
+
+    @tf.function
+    def step(iterator, stop):
+        images, masks, weights = next(iterator)
+        totals, confusion = strategy.run(replica_step, args=(images, masks, weights, stop))
+        return (strategy.reduce(tf.distribute.ReduceOp.SUM, totals, axis=None),
+                strategy.reduce(tf.distribute.ReduceOp.SUM, confusion, axis=None))
+
+    return step
+
+
+def make_statistics_sync(strategy, model):
+    """sync() sets every replica's BatchNormalization moving statistics to their mean over all
+    replicas (on every worker). Keras 3 keeps one copy per replica, each updated from that replica's
+    batches only, so without this the replicas would test with different statistics and the saved
+    model would hold replica 0's alone."""
+    layers = [layer for layer in model.layers
+              if isinstance(layer, keras.layers.BatchNormalization)]
+    statistics = [layer.moving_mean for layer in layers] + [layer.moving_variance for layer in layers]
+
+    @tf.function
+    def sync():
+        if not statistics:
+            return
+        # one flat vector: a single all-reduce instead of one per variable
+        local = strategy.run(lambda: tf.concat([tf.reshape(v.value, [-1]) for v in statistics], axis=0))
+        means = strategy.reduce(tf.distribute.ReduceOp.MEAN, local, axis=None)
+        for variable, mean in zip(statistics, tf.split(means, [int(np.prod(v.shape)) for v in statistics])):
+            variable.assign(tf.reshape(mean, variable.shape))
+
+    return sync
+
+
+def weighted_test_stream(dataset, examples, pass_length):
+    """Tag each example of an endless ordered stream with weight 1 for the first `examples` of every
+    `pass_length` (a test pass), 0 for the rest (padding to whole batches)."""
+    def tag(index, example):
+        image, mask = example
+        return image, mask, tf.cast(index % pass_length < examples, tf.float32)
+    return dataset.enumerate().map(tag)
+
+
+def segmentation_metrics(confusion):
+    """Pixel accuracy, per-class IoU (NaN for a class absent from labels and predictions) and mean IoU
+    (over the classes with an IoU) of a confusion matrix (rows: true class, columns: predicted)."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    true_positive = np.diag(confusion)
+    union = confusion.sum(axis=0) + confusion.sum(axis=1) - true_positive
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, true_positive / union, np.nan)
+    total = confusion.sum()
+    accuracy = float(true_positive.sum() / total) if total else float("nan")
+    mean_iou = float(np.nanmean(iou)) if np.any(union > 0) else float("nan")
+    return accuracy, iou, mean_iou
+
+
+# ----------------------------------------------------------------------------------------------
+# files
+
+
+def write_atomic(path, text):
+    """Write text to a temporary file beside `path` and rename it into place."""
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, staging = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=directory)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        os.replace(staging, path)
+    except BaseException:
+        if os.path.exists(staging):
+            os.remove(staging)
+        raise
+
+
+def replace_directory(staging, target):
+    """Move a finished directory into place; the old one is removed only after the rename."""
+    parking = target + ".old"
+    if os.path.exists(parking):
+        shutil.rmtree(parking)
+    if os.path.exists(target):
+        os.rename(target, parking)
+    os.rename(staging, target)
+    if os.path.exists(parking):
+        shutil.rmtree(parking)
+
+
+def run_settings(args, augmentation):
+    settings = {name: getattr(args, name) for name in RUN_DEFINING if hasattr(args, name)}
+    settings["train_database"] = os.path.abspath(args.train_database)
+    settings["test_database"] = os.path.abspath(args.test_database)
+    settings["augmentation"] = augmentation.to_dict() if args.use_augmentation else None
+    return settings
+
+
+def read_state(output_dir):
+    """The resume state of an output folder: (state dict, resume directory) or (None, None)."""
+    for name in (RESUME_DIR, RESUME_DIR + ".old"):  # .old: a crash between the two renames
+        path = os.path.join(output_dir, name, STATE_FILE)
+        if os.path.isfile(path):
+            try:
+                with open(path) as handle:
+                    return json.load(handle), os.path.join(output_dir, name)
+            except (OSError, json.JSONDecodeError) as error:
+                raise ValueError(f"{path}: unreadable resume state ({error})") from None
+    return None, None
+
+
+def check_output_dir(output_dir, settings):
+    """Return the resume state to continue from, (None, None) for a fresh run; ValueError if the
+    folder holds another run's files."""
+    if not os.path.isdir(output_dir):
+        if os.path.exists(output_dir):
+            raise ValueError(f"{output_dir}: exists and is not a directory")
+        return None, None
+    results = sorted(name for name in os.listdir(output_dir)
+                     if name in RUN_MARKERS and name != SETTINGS_FILE)
+    settings_path = os.path.join(output_dir, SETTINGS_FILE)
+    if not os.path.isfile(settings_path):
+        if results:
+            raise ValueError(f"{output_dir}: holds another run's files ({', '.join(results)}) but no "
+                             f"{SETTINGS_FILE}; choose a new --output_dir")
+        return None, None
+    try:
+        with open(settings_path) as handle:
+            previous = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{settings_path}: unreadable ({error})") from None
+    state, resume_dir = read_state(output_dir)
+    differences = [f"{name} {previous.get(name)!r} -> {settings.get(name)!r}" for name in RUN_DEFINING
+                   if previous.get(name) != settings.get(name)]
+    if differences and (state is not None or results):
+        raise ValueError(f"{output_dir}: holds a run with different settings ({'; '.join(differences)}); "
+                         f"choose a new --output_dir or repeat that run's settings to resume it")
+    # same settings: continue; different settings but the old run left no results: start afresh
+    return (state, resume_dir) if not differences else (None, None)
+
+
+def write_history_files(output_dir, history, number_classes):
+    write_atomic(os.path.join(output_dir, TEST_LOSS_FILE),
+                 "".join(f"{entry['test_loss']}\n" for entry in history))
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["epoch", "global_step", "test_loss", "pixel_accuracy", "mean_iou"]
+                    + [f"iou_class_{c}" for c in range(number_classes)])
+    for entry in history:
+        writer.writerow([entry["epoch"], entry["global_step"], entry["test_loss"], entry["pixel_accuracy"],
+                         entry["mean_iou"]] + entry["iou"])
+    write_atomic(os.path.join(output_dir, TEST_METRICS_FILE), text.getvalue())
+
+
+def save_resume_point(output_dir, checkpoint, state, is_chief):
+    """Write model + optimizer + state to output_dir/resume atomically. Every worker takes part (the
+    save may all-reduce); workers other than the chief write to a scratch folder they then delete."""
+    if not is_chief:
+        scratch = tempfile.mkdtemp(prefix="train-fcdensenet-worker-")
+        try:
+            checkpoint.write(os.path.join(scratch, CKPT_PREFIX))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return
+    staging = tempfile.mkdtemp(prefix=f".{RESUME_DIR}.tmp-", dir=output_dir)
+    checkpoint.write(os.path.join(staging, CKPT_PREFIX))
+    with open(os.path.join(staging, STATE_FILE), "w") as handle:
+        json.dump(state, handle, indent=1)
+    replace_directory(staging, os.path.join(output_dir, RESUME_DIR))
+
+
+def save_best_model(output_dir, export_model, weights, metadata):
+    """Best weights as output_dir/checkpoint/ckpt and a SavedModel, each swapped in atomically."""
+    export_model.set_weights(weights)
+    staging = tempfile.mkdtemp(prefix=f".{BEST_CHECKPOINT_DIR}.tmp-", dir=output_dir)
+    tf.train.Checkpoint(model=export_model).write(os.path.join(staging, CKPT_PREFIX))
+    replace_directory(staging, os.path.join(output_dir, BEST_CHECKPOINT_DIR))
+    fcdensenet.export_saved_model(export_model, os.path.join(output_dir, SAVED_MODEL_DIR),
+                                  extra_metadata={"training": metadata})
+
+
+def write_scalars(writer, step, values):
+    """Scalar summaries TensorBoard's scalars dashboard reads. tf.summary.scalar needs the
+    tensorboard package, which tensorflow no longer installs; tf.summary.write with the scalars
+    plugin's metadata writes the same event records without it."""
+    metadata = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(
+        plugin_name="scalars"))
+    with writer.as_default(step=step):
+        for tag, value in values.items():
+            tf.summary.write(tag, tf.constant(value, tf.float32), metadata=metadata)
+    writer.flush()
+
+
+# ----------------------------------------------------------------------------------------------
+# signals
+
+
+class StopRequest:
+    """Records SIGINT/SIGTERM so the loop can end the current step cleanly; a second SIGINT aborts."""
+
+    def __init__(self):
+        self.signal_number = None
+
+    def install(self):
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signal_number, frame):
+        # no printing here: the handler may interrupt a print of the main thread
+        if self.signal_number is not None and signal_number == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.signal_number is None:
+            self.signal_number = signal_number
+
+    @property
+    def name(self):
+        return signal.Signals(self.signal_number).name if self.requested else None
+
+    @property
+    def requested(self):
+        return self.signal_number is not None
+
+    def vote(self):
+        return tf.constant(1.0 if self.requested else 0.0)
+
+
+class Interrupted(Exception):
+    """A step returned with a stop vote: save the resume point and exit."""
+
+
+def reader_error_message(error):
+    """The one-line gist of a reader failure surfacing through tf.data (the reader's own message)."""
+    text = str(error)
+    for line in reversed(text.splitlines()):
+        if "ReaderError" in line:
+            return line.split("ReaderError:", 1)[-1].strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+
+class Trainer:
+    """The training loop's state: one instance per run, driven by run()."""
+
+    def __init__(self, args, strategy, is_chief, local_replicas, train_reader, test_reader, settings, stop):
+        self.args = args
+        self.workers = strategy.num_replicas_in_sync // local_replicas
+        self.strategy = strategy
+        self.is_chief = is_chief
+        self.stop = stop
+        self.settings = settings
+        self.replicas = strategy.num_replicas_in_sync
+        self.global_batch = args.batch_size * self.replicas
+        self.train_reader = train_reader
+        height, width, channels = train_reader.get_image_size()
+        self.image_size = (height, width, channels)
+        self.warmup_steps = min(MAX_WARMUP_STEPS, args.test_every_n_steps)
+
+        if is_chief:  # a plain float32 copy for the checkpoint and the SavedModel, outside the strategy
+            self.export_model = build_model(args, channels)
+        if args.mixed_precision:
+            keras.mixed_precision.set_global_policy("mixed_float16")
+        with strategy.scope():
+            self.model = build_model(args, channels)
+        self.optimizer = build_optimizer(strategy, self.model, args.learning_rate, args.mixed_precision)
+        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer)
+        self.train_step = make_train_step(strategy, self.model, self.optimizer, self.global_batch)
+        self.test_step = make_test_step(strategy, self.model, args.number_classes)
+        self.sync_statistics = make_statistics_sync(strategy, self.model)
+
+        self.train_iterator = iter(distribute(strategy, train_reader.get_tf_dataset, self.global_batch))
+        self.test_examples = test_reader.get_image_count()
+        per_worker_batch = args.batch_size * local_replicas  # each worker passes over the whole test set
+        self.test_steps = math.ceil(self.test_examples / per_worker_batch)
+        pass_length = self.test_steps * per_worker_batch
+        self.test_iterator = iter(distribute(strategy, lambda: weighted_test_stream(
+            test_reader.get_tf_dataset(), self.test_examples, pass_length), self.global_batch))
+        self.state = None
+        self.writers = None
+        self.traced = False
+
+    def fresh_state(self):
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        return {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "best_epoch": None,
+                "finished": None, "tensorboard_dir": f"tensorboard-{stamp}", "replicas": self.replicas}
+
+    def restore(self, state, resume_dir):
+        self.checkpoint.read(os.path.join(resume_dir, CKPT_PREFIX)).assert_existing_objects_matched()
+        if state.get("replicas") != self.replicas:
+            self.print(f"note: the run used {state.get('replicas')} replicas, now {self.replicas}: the "
+                       f"global batch is now {self.global_batch}")
+            state["replicas"] = self.replicas
+        self.state = state
+
+    def open_writers(self):
+        if not self.is_chief:
+            return {"train": tf.summary.create_noop_writer(), "test": tf.summary.create_noop_writer()}
+        root = os.path.join(self.args.output_dir, self.state["tensorboard_dir"])
+        return {name: tf.summary.create_file_writer(os.path.join(root, name)) for name in ("train", "test")}
+
+    def epoch_plan(self, epoch):
+        """(steps, learning rate) of an epoch: the first is the warm-up."""
+        if epoch == 0:
+            return self.warmup_steps, self.args.learning_rate / WARMUP_LR_DIVISOR
+        return self.args.test_every_n_steps, self.args.learning_rate
+
+    def run(self):
+        self.writers = self.open_writers()
+        while self.state["finished"] is None:
+            self.train_epoch()
+            self.test_epoch()
+        return self.state
+
+    def train_epoch(self):
+        state = self.state
+        steps, learning_rate = self.epoch_plan(state["epoch"])
+        self.optimizer.learning_rate = learning_rate
+        interval_sums = np.zeros(3)
+        interval_steps, timed_steps, interval_start = 0, 0, time.perf_counter()
+        while state["step_in_epoch"] < steps:
+            loss_sum, correct, pixels, votes = self.train_step(self.train_iterator, self.stop.vote()).numpy()
+            state["step_in_epoch"] += 1
+            state["global_step"] += 1
+            interval_sums += (loss_sum, correct, pixels)
+            interval_steps += 1
+            timed_steps += 1
+            if not self.traced:  # the first step traces the function: keep it out of images/s
+                self.traced, timed_steps, interval_start = True, 0, time.perf_counter()
+            if interval_steps == self.args.log_every_n_steps or state["step_in_epoch"] == steps:
+                elapsed = time.perf_counter() - interval_start
+                self.log_train(interval_sums, interval_steps, timed_steps, elapsed, steps, learning_rate)
+                interval_sums[:] = 0
+                interval_steps, timed_steps, interval_start = 0, 0, time.perf_counter()
+            if self.stop_agreed(votes):
+                raise Interrupted
+
+    def stop_agreed(self, votes):
+        """Stop now? One worker acts on its own signal at once; several stop together, in the step
+        after any of them was signalled (the votes of that step say so on every worker)."""
+        return votes > 0 or (self.workers == 1 and self.stop.requested)
+
+    def log_train(self, sums, steps, timed_steps, elapsed, epoch_steps, learning_rate):
+        state = self.state
+        loss = sums[0] / steps
+        accuracy = sums[1] / sums[2]
+        # the first step of a process traces the step function: it has no meaningful rate
+        images_per_second = timed_steps * self.global_batch / elapsed if timed_steps else float("nan")
+        queue = queue_text(self.train_reader)
+        if self.is_chief:
+            print(f"epoch {state['epoch']} step {state['step_in_epoch']}/{epoch_steps} "
+                  f"(global {state['global_step']}) loss {loss:.6f} accuracy {accuracy:.4f} "
+                  f"lr {learning_rate:.2e} images/s {images_per_second:.1f}{queue}", flush=True)
+        write_scalars(self.writers["train"], state["global_step"],
+                      {"loss": loss, "accuracy": accuracy, "learning_rate": learning_rate,
+                       "images_per_second": images_per_second})
+
+    def test_epoch(self):
+        state = self.state
+        self.sync_statistics()
+        totals = np.zeros(3)
+        confusion = np.zeros((self.args.number_classes,) * 2)
+        for _ in range(self.test_steps):
+            step_totals, step_confusion = self.test_step(self.test_iterator, self.stop.vote())
+            totals += step_totals.numpy()
+            confusion += step_confusion.numpy()
+            if self.stop_agreed(totals[2]):
+                raise Interrupted  # the epoch's training is done: a resumed run starts with this test
+        test_loss = float(totals[0] / totals[1])
+        accuracy, iou, mean_iou = segmentation_metrics(confusion)
+        entry = {"epoch": state["epoch"], "global_step": state["global_step"], "test_loss": test_loss,
+                 "pixel_accuracy": accuracy, "mean_iou": mean_iou,
+                 "iou": [None if math.isnan(value) else float(value) for value in iou]}
+        state["history"].append(entry)
+        best_epoch, stop = early_stopping_status([e["test_loss"] for e in state["history"]],
+                                                 self.args.early_stopping)
+        state["best_epoch"] = best_epoch
+        iou_text = " ".join(f"{value:.4f}" for value in iou)
+        self.print(f"test epoch {state['epoch']}: loss {test_loss:.6f} pixel accuracy {accuracy:.4f} "
+                   f"mean IoU {mean_iou:.4f} IoU per class [{iou_text}] (best epoch {best_epoch})")
+        scalars = {"loss": test_loss, "pixel_accuracy": accuracy, "mean_iou": mean_iou}
+        scalars.update({f"iou/class_{index}": value for index, value in enumerate(iou)})
+        write_scalars(self.writers["test"], state["global_step"], scalars)
+        if self.is_chief:
+            write_history_files(self.args.output_dir, state["history"], self.args.number_classes)
+        if best_epoch == state["epoch"]:
+            self.save_best(entry)
+
+        state["epoch"] += 1
+        state["step_in_epoch"] = 0
+        if stop:
+            state["finished"] = (f"early stopping: {len(state['history']) - best_epoch - 1} epochs without "
+                                 f"improvement since epoch {best_epoch}")
+        elif self.args.max_epochs is not None and len(state["history"]) >= self.args.max_epochs:
+            state["finished"] = f"max_epochs {self.args.max_epochs} reached"
+        self.save_resume()
+
+    def save_best(self, entry):
+        weights = self.model.get_weights()  # on every worker: reading may all-reduce
+        if not self.is_chief:
+            return
+        metadata = dict(self.settings, epoch=entry["epoch"], global_step=entry["global_step"],
+                        test_loss=entry["test_loss"], pixel_accuracy=entry["pixel_accuracy"],
+                        mean_iou=entry["mean_iou"])
+        save_best_model(self.args.output_dir, self.export_model, weights, metadata)
+        self.print(f"saved the best model (epoch {entry['epoch']}) to "
+                   f"{os.path.join(self.args.output_dir, SAVED_MODEL_DIR)}")
+
+    def save_resume(self):
+        self.sync_statistics()
+        save_resume_point(self.args.output_dir, self.checkpoint, self.state, self.is_chief)
+
+    def print(self, text):
+        if self.is_chief:
+            print(text, flush=True)
+
+
+def queue_text(reader):
+    """' queue <ready>/<capacity>': examples waiting in the reader's output queue, when it can tell."""
+    try:
+        depth = reader.queue_depth()
+    except (AttributeError, OSError, ValueError):  # an older reader, or one shutting down
+        return ""
+    if depth is None:
+        return ""
+    capacity = getattr(reader, "capacity", None)
+    return f" queue {depth}/{capacity}" if capacity else f" queue {depth}"
+
+
+# ----------------------------------------------------------------------------------------------
+# stages
+
+
+def load_augmentation(args):
+    if args.augmentation_config is None:
+        return AugmentationConfig()
+    return AugmentationConfig.from_json(args.augmentation_config)
+
+
+def derived_seed(seed, *streams):
+    """An independent seed for each (worker, resume step): a resumed run draws new examples and
+    dropout masks instead of replaying those of the run's start."""
+    if seed is None:
+        return None
+    return int(np.random.SeedSequence([seed, *streams]).generate_state(1)[0])
+
+
+def open_readers(args, stack, local_replicas, worker_index, augmentation, global_step=0):
+    """Start the train and test readers (shut down by `stack` on every exit path)."""
+    seed = derived_seed(args.seed, worker_index, global_step)
+    train_reader = ImageReader(args.train_database, use_augmentation=bool(args.use_augmentation),
+                               balance_classes=bool(args.balance_classes), shuffle=True,
+                               num_workers=args.reader_count * local_replicas,
+                               number_classes=args.number_classes, augmentation_config=augmentation,
+                               seed=seed)
+    # one ordered worker for the test set, so that a pass sees every record exactly once
+    test_reader = ImageReader(args.test_database, use_augmentation=False, balance_classes=False,
+                              shuffle=False, num_workers=1, number_classes=args.number_classes, seed=seed)
+    train_channels, test_channels = train_reader.get_image_size()[2], test_reader.get_image_size()[2]
+    if train_channels != test_channels:
+        raise ValueError(f"{args.test_database}: {test_channels} channel(s) but the train database "
+                         f"{args.train_database} has {train_channels}")
+    for reader in (train_reader, test_reader):
+        stack.enter_context(reader)
+    return train_reader, test_reader
+
+
+def print_setup(args, trainer, workers, augmentation):
+    height, width, channels = trainer.image_size
+    local = trainer.replicas // workers
+    print(f"train records: {trainer.train_reader.get_image_count()}  test records: {trainer.test_examples}  "
+          f"image size: {height}x{width}  channels: {channels}  classes: {args.number_classes}")
+    print(f"workers: {workers}  replicas: {trainer.replicas} ({local} per worker)  "
+          f"global batch: {trainer.global_batch}  readers: {args.reader_count * local} per worker  "
+          f"test steps per pass: {trainer.test_steps}")
+    print(f"model: {trainer.model.name}  parameters: {trainer.model.count_params():,}  "
+          f"mixed precision: {bool(args.mixed_precision)}")
+    print(f"epochs: warm-up {trainer.warmup_steps} steps at {args.learning_rate / WARMUP_LR_DIVISOR:g}, "
+          f"then {args.test_every_n_steps} steps at {args.learning_rate:g}; early stopping "
+          f"{args.early_stopping}; max epochs {args.max_epochs or 'no limit'}")
+    if args.use_augmentation:
+        print("augmentation: " + ", ".join(f"{k}={v}" for k, v in augmentation.to_dict().items()))
+    else:
+        print("augmentation: off")
+    sys.stdout.flush()
+
+
+def save_and_exit(trainer, stop, note):
+    """Save the resume point after a stop signal; return the exit status, 128 + the signal number."""
+    trainer.save_resume()
+    state = trainer.state
+    print(f"received {stop.name}: saved a resume point at epoch {state['epoch']} step "
+          f"{state['step_in_epoch']}{note}; run the same command to continue", flush=True)
+    return 128 + stop.signal_number
+
+
+def train(args, stop):
+    augmentation = load_augmentation(args)
+    strategy = make_strategy()
+    is_chief, worker_index, workers = worker_info(strategy)
+    settings = run_settings(args, augmentation)
+    state, resume_dir = check_output_dir(args.output_dir, settings)
+    if state is not None and state.get("finished"):
+        extended = (args.max_epochs is not None and state["finished"].startswith("max_epochs")
+                    and len(state["history"]) < args.max_epochs)
+        if not extended:
+            print(f"{args.output_dir}: this run already finished ({state['finished']}; best epoch "
+                  f"{state['best_epoch']}); nothing to do")
+            return 0
+        state["finished"] = None
+    global_step = 0 if state is None else state["global_step"]
+    if args.seed is not None:  # initial weights (multi-worker: the chief's are broadcast) and dropout
+        keras.utils.set_random_seed(derived_seed(args.seed, global_step))
+    if is_chief:
+        os.makedirs(args.output_dir, exist_ok=True)
+        write_atomic(os.path.join(args.output_dir, SETTINGS_FILE), json.dumps(settings, indent=1) + "\n")
+
+    local_replicas = max(1, strategy.num_replicas_in_sync // workers)
+    with contextlib.ExitStack() as stack:
+        train_reader, test_reader = open_readers(args, stack, local_replicas, worker_index, augmentation,
+                                                 global_step)
+        trainer = Trainer(args, strategy, is_chief, local_replicas, train_reader, test_reader, settings, stop)
+        if is_chief:
+            print_setup(args, trainer, workers, augmentation)
+        if state is None:
+            trainer.state = trainer.fresh_state()
+        else:
+            trainer.restore(state, resume_dir)
+            trainer.print(f"resuming at epoch {state['epoch']} step {state['step_in_epoch']} "
+                          f"(global step {state['global_step']}, {len(state['history'])} epochs tested)")
+            if is_chief:  # drop any epoch written after the resume point
+                write_history_files(args.output_dir, state["history"], args.number_classes)
+        try:
+            state = trainer.run()
+        except Interrupted:
+            return save_and_exit(trainer, stop, "")
+        except tf.errors.OpError as error:
+            time.sleep(0.5)  # a signal that also ended the reader workers may not be handled yet
+            if not stop.requested:
+                raise
+            # the signal also reached the reader processes and ended them mid-step: the step was not
+            # applied, so the last completed step is a consistent resume point
+            return save_and_exit(trainer, stop, f" (the readers stopped: {reader_error_message(error)})")
+    best = state["history"][state["best_epoch"]]
+    print(f"finished: {state['finished']}; best epoch {state['best_epoch']} test loss "
+          f"{best['test_loss']:.6f} mean IoU {best['mean_iou']:.4f}; model in "
+          f"{os.path.join(args.output_dir, SAVED_MODEL_DIR)}")
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    stop = StopRequest()
+    stop.install()
+    try:
+        check_args(args)
+        status = train(args, stop)
+    except (ValueError, ReaderError) as error:
+        sys.exit(f"error: {error}")
+    except tf.errors.OpError as error:  # a reader failure surfacing through tf.data
+        sys.exit(f"error: {reader_error_message(error)}")
+    except KeyboardInterrupt:
+        sys.exit("aborted by a second Ctrl-C; the last saved resume point is kept")
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()
