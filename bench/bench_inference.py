@@ -1,0 +1,162 @@
+"""Speed and memory of inference_fcdensenet.py against the reference's approach. No arguments:
+
+    python bench/bench_inference.py
+
+1. Memory: the script segments a 16384x16384 uint16 TIFF (512 MB of pixels, uncompressed) in a
+   subprocess with its default tiles; its peak resident memory is reported (target below 2.5 GB).
+   Model: the tiniest FC-DenseNet (one layer per block, growth 2, 8 first filters), so that this
+   takes 3-5 minutes on 2 shared CPU cores; with a real model the memory is dominated by the
+   activations of one batch (FCDenseNet56: about 11 GB for the default 2048x2048 pixels a batch).
+2. Speed: megapixels per second on a 4096x4096 uint16 image (a mosaic of data/images) for this
+   implementation (default tiles, whole-image statistics, tiles batched, radius from the export)
+   and for a baseline doing what the reference does: a gradient-probe radius measured for every
+   image (fcdensenet.measure_effective_radius), then 832-pixel tiles stepping by 832 - 2 radius,
+   clipped at the border, run one at a time. Same model (a small custom FC-DenseNet, 2 layers per
+   block, growth 4, untrained, radius 96; FCDenseNet56 would take over 7 minutes for this part),
+   same SavedModel, same run; each side runs twice (A B B A) and keeps its best time.
+
+Measured here: 4.7 minutes on a lightly loaded machine, up to about 10 while other jobs shared its 2 cores.
+The machine is shared, so only the ratio is meaningful.
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+import image_files  # noqa: E402
+import inference_fcdensenet as inference  # noqa: E402
+
+REFERENCE_TILE = 832
+SPEED_SIZE = 4096
+MEMORY_SIZE = 16384
+MEMORY_TARGET_GB = 2.5
+
+
+def mosaic(size):
+    """A size x size uint16 image tiled from the example images (repeated as needed)."""
+    folder = os.path.join(REPO_ROOT, "data", "images")
+    images = [image_files.read_image(os.path.join(folder, name)) for name in sorted(os.listdir(folder))]
+    side = images[0].shape[0]
+    count = -(-size // side)
+    rows = [np.concatenate([images[(r * count + c) % len(images)] for c in range(count)], axis=1)
+            for r in range(min(count, 10))]
+    block = np.concatenate(rows, axis=0)
+    return np.tile(block, (-(-size // block.shape[0]), 1))[:size, :size]
+
+
+def export(path, seed, **architecture):
+    import keras
+
+    import fcdensenet
+
+    keras.utils.set_random_seed(seed)
+    model = fcdensenet.build_model(variant=None, number_channels=1, number_classes=2, **architecture)
+    fcdensenet.export_saved_model(model, path)
+    return model
+
+
+def measure_memory(workdir):
+    """Peak RSS (GB) of the script segmenting a MEMORY_SIZE^2 TIFF, and its wall time."""
+    import tifffile
+
+    model_path = os.path.join(workdir, "tiniest")
+    export(model_path, seed=3, layers_per_block=1, growth_rate=2, first_filters=8)
+    images = os.path.join(workdir, "large")
+    os.makedirs(images)
+    tifffile.imwrite(os.path.join(images, "slide.tif"), mosaic(MEMORY_SIZE))  # uncompressed, contiguous
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(REPO_ROOT, "inference_fcdensenet.py"), "--saved_model_filepath",
+         model_path, "--image_folder", images, "--output_folder", os.path.join(workdir, "large_masks")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - started
+    if process.returncode != 0:
+        sys.exit(f"error: the script failed on the {MEMORY_SIZE}^2 image:\n{output}")
+    print("\n".join(line for line in output.splitlines() if line.startswith(("slide", "done", "FC"))))
+    with tifffile.TiffFile(os.path.join(workdir, "large_masks", "slide.tif")) as tiff:
+        assert tiff.pages.first.shape == (MEMORY_SIZE, MEMORY_SIZE) and tiff.is_bigtiff
+    return usage.ru_maxrss / 2**20, seconds  # ru_maxrss is in KiB on Linux
+
+
+def reference_approach(image, model, predict):
+    """What the reference does per image; returns (mask, computed pixels)."""
+    import fcdensenet
+
+    radius = fcdensenet.measure_effective_radius(model)  # measured again for every image
+    zone = REFERENCE_TILE - 2 * radius
+    height, width = image.shape[:2]
+    padded = np.pad(image_files.zscore_normalize(image),
+                    ((0, inference.round_up(height, 32) - height), (0, inference.round_up(width, 32) - width),
+                     (0, 0)), mode="reflect")
+    mask = np.empty(padded.shape[:2], np.uint8)
+    computed = 0
+    for y in range(0, height, zone):
+        for x in range(0, width, zone):
+            top, left = max(y - radius, 0), max(x - radius, 0)
+            tile = padded[top:y + zone + radius, left:x + zone + radius]
+            labels = np.argmax(predict(tile[np.newaxis]), axis=-1)[0]
+            mask[y:y + zone, x:x + zone] = labels[y - top:y - top + zone, x - left:x - left + zone]
+            computed += tile.shape[0] * tile.shape[1]
+    return mask[:height, :width], computed
+
+
+def this_implementation(image, metadata, predict):
+    tile_size = inference.check_tile_size(0, metadata["radius"], metadata["size_factor"])
+    grid = inference.tile_grid(*image.shape, tile_size, metadata["radius"], metadata["size_factor"])
+    batch_size = inference.tiles_per_batch(0, grid.tile_shape)
+    mask = inference.segment_array(image, predict, metadata, tile_size, batch_size)
+    return mask, grid, batch_size
+
+
+def measure_speed(workdir):
+    import fcdensenet
+
+    model_path = os.path.join(workdir, "small")
+    model = export(model_path, seed=4, layers_per_block=2, growth_rate=4)
+    predict, metadata = fcdensenet.load_saved_model(model_path)
+    image = mosaic(SPEED_SIZE)
+    megapixels = image.size / 1e6
+    predict(np.zeros((1, 64, 64, 1), np.float32))  # one-off start-up cost, paid by neither side
+
+    # A, B, B, A with the best time of each side: the machine is shared, and its load drifts
+    times = {"ours": [], "reference": []}
+    for side in ("ours", "reference", "reference", "ours"):
+        started = time.perf_counter()
+        if side == "ours":
+            mask, grid, batch_size = this_implementation(image, metadata, predict)
+        else:
+            baseline_mask, computed = reference_approach(image, model, predict)
+        times[side].append(time.perf_counter() - started)
+    ours, baseline = megapixels / min(times["ours"]), megapixels / min(times["reference"])
+    print(f"this implementation: {ours:.3f} Mpx/s; radius {metadata['radius']} (stored at export), "
+          f"{grid.tile_count} tiles of {grid.tile_shape[0]}x{grid.tile_shape[1]} in batches of {batch_size}, "
+          f"kept {grid.kept_share():.0%} of the computed pixels")
+    print(f"reference approach:  {baseline:.3f} Mpx/s; radius probed per image, {REFERENCE_TILE}-pixel tiles "
+          f"one at a time, kept {image.size / computed:.0%} of the computed pixels")
+    print("seconds per run: " + "; ".join(
+        f"{side} " + ", ".join(f"{seconds:.1f}" for seconds in runs) for side, runs in times.items()))
+    print(f"masks agree on {np.mean(mask == baseline_mask):.4%} of the pixels")
+    return ours, baseline
+
+
+def main():
+    with tempfile.TemporaryDirectory(prefix="bench_inference_") as workdir:
+        peak_gb, seconds = measure_memory(workdir)
+        print(f"peak resident memory for a {MEMORY_SIZE}x{MEMORY_SIZE} uint16 TIFF: {peak_gb:.2f} GB "
+              f"(target < {MEMORY_TARGET_GB} GB), {seconds:.0f} s")
+        ours, baseline = measure_speed(workdir)
+    print(f"inference Mpx/s (tiled batched vs reference approach) ratio={ours / baseline:.2f} target=2.0")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""inference_fcdensenet.py: exact tiling, every pixel type and layout, output files, bad input.
+
+The models are tiny untrained FC-DenseNets (one layer per block, growth 2, 8 first filters) exported
+once per module with fcdensenet.export_saved_model, which measures their radius (96 pixels).
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+
+import inference_fcdensenet as inference
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO_ROOT, "inference_fcdensenet.py")
+DATA_IMAGES = os.path.join(REPO_ROOT, "data", "images")
+TINY = dict(variant=None, layers_per_block=1, growth_rate=2, first_filters=8)
+
+
+def export_tiny_model(path, number_channels, number_classes, seed):
+    import keras
+
+    import fcdensenet
+
+    keras.utils.set_random_seed(seed)
+    model = fcdensenet.build_model(number_channels=number_channels, number_classes=number_classes, **TINY)
+    fcdensenet.export_saved_model(model, path)
+    return fcdensenet.load_saved_model(path)
+
+
+@pytest.fixture(scope="module")
+def gray_model(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("models") / "gray")
+    predict, metadata = export_tiny_model(path, number_channels=1, number_classes=2, seed=1)
+    return path, predict, metadata
+
+
+@pytest.fixture(scope="module")
+def rgb_model(tmp_path_factory):
+    # 300 classes: the masks need uint16
+    path = str(tmp_path_factory.mktemp("models") / "rgb")
+    predict, metadata = export_tiny_model(path, number_channels=3, number_classes=300, seed=2)
+    return path, predict, metadata
+
+
+@pytest.fixture(scope="module")
+def mosaic():
+    """About 1500x1100 pixels of real uint16 phase-contrast images side by side."""
+    names = sorted(os.listdir(DATA_IMAGES))[:30]
+    images = [tifffile.imread(os.path.join(DATA_IMAGES, name)) for name in names]
+    return np.block([[images[5 * row + column] for column in range(5)] for row in range(6)])[:1500, :1100]
+
+
+def run_script(*args):
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=300)
+
+
+def last_line(text):
+    """The script's own last line (TensorFlow prints start-up notices on stderr before it)."""
+    return text.strip().splitlines()[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# tiling geometry (no model)
+
+@pytest.mark.parametrize("radius", [0, 40, 96, 128])
+@pytest.mark.parametrize("tile_size", [384, 512, 1024])
+def test_axis_windows_keep_every_pixel_once_with_full_context(radius, tile_size):
+    margin = inference.round_up(radius, 32)
+    for length in [1, 31, 32, 33, 70, 100, 333, 383, 384, 385, 517, 1000, 1100, 1500, 4097]:
+        tile, windows = inference.axis_windows(length, tile_size, radius)
+        padded = inference.round_up(length, 32)
+        assert tile % 32 == 0 and tile <= max(tile_size, padded)
+        assert windows[0].keep_start == 0 and windows[-1].keep_stop == length
+        for before, after in zip(windows, windows[1:]):
+            assert before.keep_stop == after.keep_start  # no gap, no overlap
+        for window in windows:
+            assert window.keep_start < window.keep_stop
+            assert window.origin % 32 == 0 and 0 <= window.origin and window.origin + tile <= padded
+            if window.keep_start > 0:
+                assert window.keep_start - window.origin >= margin
+            if window.keep_stop < length:
+                assert window.origin + tile - window.keep_stop >= margin
+        if padded > tile_size:
+            # fewest tiles: one tile fewer of the largest size could not cover the axis
+            zone = tile_size - 2 * margin
+            assert (len(windows) - 1) * zone + 2 * margin < padded
+
+
+@pytest.mark.parametrize("shape", [(100, 70), (333, 517), (1500, 1100), (31, 2049)])
+def test_tile_grid_writes_every_pixel_exactly_once(shape):
+    grid = inference.tile_grid(*shape, 384, 96)
+    written = np.zeros(shape, np.int32)
+    for row in grid.rows:
+        for y, x in row:
+            written[y.keep_start:y.keep_stop, x.keep_start:x.keep_stop] += 1
+            assert y.origin + grid.tile_shape[0] <= grid.padded_shape[0]
+            assert x.origin + grid.tile_shape[1] <= grid.padded_shape[1]
+    assert np.all(written == 1)
+    assert 0 < grid.kept_share() <= 1
+
+
+def test_tile_size_rules():
+    assert inference.check_tile_size(0, 96) == 2048
+    assert inference.check_tile_size(0, 1120) == 4 * 1120
+    assert inference.check_tile_size(288, 96) == 288  # the zone (96) is the radius: allowed
+    with pytest.raises(ValueError, match="at least 288"):
+        inference.check_tile_size(256, 96)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        inference.check_tile_size(300, 96)
+
+
+def test_mask_dtype_and_output_names():
+    assert inference.mask_dtype(2) == np.uint8 and inference.mask_dtype(256) == np.uint8
+    assert inference.mask_dtype(257) == np.uint16 and inference.mask_dtype(65536) == np.uint16
+    assert inference.mask_dtype(65537) == np.int32
+    assert inference.output_path("out", "a.b.tif") == os.path.join("out", "a.b.tif")
+    assert inference.output_path("out", "x.PNG") == os.path.join("out", "x.PNG")
+    assert inference.output_path("out", "photo.JPG") == os.path.join("out", "photo.png")  # lossless
+
+
+def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "mask.tif"
+    target.write_bytes(b"old")
+
+    def broken_write(temporary):
+        with open(temporary, "wb") as handle:
+            handle.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        inference.write_atomically(str(target), broken_write)
+    assert target.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["mask.tif"]
+
+
+# ---------------------------------------------------------------------------------------------
+# segmentation with a real SavedModel (in process)
+
+def test_tiled_equals_one_pass_for_two_tile_sizes(gray_model, mosaic):
+    _, predict, metadata = gray_model
+    assert metadata["radius"] == 96
+    whole = inference.segment_array(mosaic, predict, metadata, tile_size=1504)
+    assert whole.shape == mosaic.shape and whole.dtype == np.uint8
+    assert 0.05 < whole.mean() < 0.95  # the untrained model still draws both classes
+    for tile_size in (288, 512):  # 288: the zone is exactly the radius, the reference's minimum
+        assert inference.tile_grid(*mosaic.shape, tile_size, 96).tile_count > 4
+        tiled = inference.segment_array(mosaic, predict, metadata, tile_size, batch_size=3)
+        assert np.mean(tiled == whole) >= 0.999
+    # the same tiles without context disagree: the comparison above would catch a wrong margin
+    blind = inference.segment_array(mosaic, predict, dict(metadata, radius=0), 288, batch_size=3)
+    assert np.mean(blind == whole) < 0.999
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32, np.float32])
+def test_pixel_types_and_odd_sizes(gray_model, mosaic, dtype):
+    _, predict, metadata = gray_model
+    crop = mosaic[:333, :517]
+    image = {
+        np.uint8: lambda: (crop // 64).astype(np.uint8),
+        np.uint16: lambda: crop,
+        np.int32: lambda: crop.astype(np.int32) - 30000,  # negative pixels are valid int32
+        np.float32: lambda: crop.astype(np.float32) * 0.01 + 5,
+    }[dtype]()
+    assert image.dtype == dtype and crop.max() // 64 <= 255
+    mask = inference.segment_array(image, predict, metadata, tile_size=288, batch_size=2)
+    assert mask.shape == (333, 517) and mask.dtype == np.uint8
+    if dtype == np.uint8:  # 8-bit quantisation changes the image: compare with the same values
+        reference = inference.segment_array(image.astype(np.float32), predict, metadata, 288)
+        assert np.array_equal(mask, reference)
+    else:  # z-scoring makes the mask independent of an affine change of the pixel values
+        reference = inference.segment_array(crop, predict, metadata, 288)
+        assert np.mean(mask == reference) > 0.999
+
+
+def test_hwc_image_with_a_three_channel_model(rgb_model, mosaic):
+    _, predict, metadata = rgb_model
+    image = np.stack([mosaic[:333, :517], mosaic[333:666, :517], mosaic[666:999, :517]], axis=-1)
+    whole = inference.segment_array(image, predict, metadata, tile_size=544)
+    assert whole.shape == (333, 517) and whole.dtype == np.uint16  # 300 classes
+    assert 255 < whole.max() < 300
+    tiled = inference.segment_array(image, predict, metadata, tile_size=288, batch_size=4)
+    assert np.mean(tiled == whole) >= 0.999
+
+
+# ---------------------------------------------------------------------------------------------
+# the script, as a user runs it
+
+def write_folder(folder, mosaic):
+    os.makedirs(folder)
+    images = {
+        "small_u8.tif": (mosaic[:100, :70] // 256).astype(np.uint8),
+        "odd_i32.tif": mosaic[:333, :517].astype(np.int32),
+        "wide_f32.tif": mosaic[:40, :1030].astype(np.float32),
+        "whole.tif": mosaic[:700, :500],
+    }
+    for name, image in images.items():
+        tifffile.imwrite(os.path.join(folder, name), image)
+    # a tiled, compressed layout, streamed segment by segment
+    tifffile.imwrite(os.path.join(folder, "slide.tif"), mosaic[:700, :500], tile=(128, 128), compression="zlib")
+    tifffile.imwrite(os.path.join(folder, "rgb.tif"), np.zeros((64, 64, 3), np.uint8), photometric="rgb")
+    with open(os.path.join(folder, "corrupt.tif"), "wb") as handle:
+        handle.write(b"II*\x00 this is not a tiff")
+    return images
+
+
+def test_script_segments_a_folder_and_reports_bad_images(gray_model, mosaic, tmp_path):
+    model_path, predict, metadata = gray_model
+    images = write_folder(str(tmp_path / "images"), mosaic)
+    output = tmp_path / "masks"
+    output.mkdir()
+    (output / "whole.tif").write_bytes(b"stale mask from an earlier run")
+
+    # 0.3 megapixels: slide.tif and whole.tif (0.35) are streamed, the others read whole
+    result = run_script("--saved_model_filepath", model_path, "--image_folder", str(tmp_path / "images"),
+                        "--output_folder", str(output), "--image_format", ".tif", "--tile_size", "288",
+                        "--streaming_megapixels", "0.3")
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "rgb.tif: image has 3 channel(s), the model expects 1" in result.stderr
+    assert "corrupt.tif: cannot decode" in result.stderr
+    assert "done: 5 image(s) segmented, 2 failed" in result.stdout
+    assert "odd_i32.tif: 333x517" in result.stdout
+    assert sorted(os.listdir(output)) == sorted([*images, "slide.tif"])  # no temporary files left
+
+    for name, image in images.items():
+        mask = tifffile.imread(str(output / name))
+        assert mask.shape == image.shape[:2] and mask.dtype == np.uint8
+        expected = inference.segment_array(image, predict, metadata, 288)
+        assert np.mean(mask == expected) > 0.9999, name
+    with tifffile.TiffFile(str(output / "slide.tif")) as tiff:
+        page = tiff.pages.first
+        assert tiff.is_bigtiff and page.is_tiled and page.compression == 8  # zlib / deflate
+        assert np.array_equal(page.asarray(), tifffile.imread(str(output / "whole.tif")))
+    with tifffile.TiffFile(str(output / "odd_i32.tif")) as tiff:
+        assert tiff.pages.first.compression == 8 and not tiff.is_bigtiff
+
+
+def test_png_images_give_png_masks(gray_model, mosaic, tmp_path):
+    import imageio.v3 as iio
+
+    model_path, predict, metadata = gray_model
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    iio.imwrite(str(folder / "eight.png"), (mosaic[:90, :130] // 256).astype(np.uint8))
+    iio.imwrite(str(folder / "sixteen.png"), mosaic[:45, :61])
+    iio.imwrite(str(folder / "ignored.jpg"), np.zeros((32, 32), np.uint8))
+    result = run_script("--saved_model_filepath", model_path, "--image_folder", str(folder),
+                        "--output_folder", str(tmp_path / "out"), "--image_format", "png")
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(tmp_path / "out")) == ["eight.png", "sixteen.png"]
+    mask = iio.imread(str(tmp_path / "out" / "sixteen.png"))
+    assert mask.shape == (45, 61) and mask.dtype == np.uint8
+    expected = inference.segment_array(mosaic[:45, :61], predict, metadata, 2048)
+    assert np.array_equal(mask, expected)
+
+
+def test_bad_saved_model_and_folders(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    common = ["--output_folder", str(tmp_path / "out")]
+
+    result = run_script("--saved_model_filepath", str(tmp_path / "missing"), "--image_folder", str(images), *common)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"error: {images}: no .tif images" in result.stderr  # the folder is checked first
+
+    tifffile.imwrite(str(images / "a.tif"), np.zeros((32, 32), np.uint16))
+    (images / "b.png").write_bytes(b"")
+    result = run_script("--saved_model_filepath", str(tmp_path / "missing"), "--image_folder", str(images), *common)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"error: {tmp_path / 'missing'}: SavedModel folder does not exist"
+
+    result = run_script("--saved_model_filepath", str(tmp_path / "missing"), "--image_folder", str(images),
+                        "--image_format", "jpg", *common)
+    assert result.returncode != 0 and f"error: {images}: no .jpg images" in result.stderr
+
+    result = run_script("--saved_model_filepath", str(images), "--image_folder", str(images), *common)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert last_line(result.stderr).startswith(f"error: {images}: not an FC-DenseNet SavedModel")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_tile_size_checked_against_the_model(gray_model, tmp_path):
+    model_path, _, _ = gray_model
+    images = tmp_path / "images"
+    images.mkdir()
+    tifffile.imwrite(str(images / "a.tif"), np.zeros((32, 32), np.uint16))
+    result = run_script("--saved_model_filepath", model_path, "--image_folder", str(images),
+                        "--output_folder", str(tmp_path / "out"), "--tile_size", "256")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert last_line(result.stderr) == "error: --tile_size 256 is too small for the model's radius 96: use at least 288"
