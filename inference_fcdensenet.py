@@ -35,6 +35,7 @@ import time
 import numpy as np
 
 import image_files
+import segmentation_metrics
 
 DEFAULT_TILE_SIZE = 2048
 # Pixels per forward pass when --batch_size is 0: 2048 x 2048, about 11.5 GB of activations for
@@ -70,6 +71,10 @@ def parse_args(argv=None):
     parser.add_argument("--streaming_megapixels", type=float, default=64.0,
                         help="TIFF images with at least this many megapixels (height x width x channels) "
                              "are read and written tile by tile instead of whole")
+    parser.add_argument("--mask_folder", default=None,
+                        help="optional folder of ground-truth masks under the images' file names: the "
+                             "masks written are scored against them (pixel accuracy, IoU per class, "
+                             "mean IoU)")
     return parser.parse_args(argv)
 
 
@@ -484,6 +489,27 @@ def segment_file(path, output_folder, predict, metadata, args):
             source.close()
 
 
+def score_mask(predicted_path, mask_folder, number_classes):
+    """Confusion matrix of a written mask against the ground truth of the same file name."""
+    truth_path = os.path.join(mask_folder, os.path.basename(predicted_path))
+    truth = image_files.read_image(truth_path)
+    predicted = image_files.read_image(predicted_path)
+    if truth.shape != predicted.shape:
+        raise ValueError(f"{truth_path}: ground truth is {truth.shape[1]}x{truth.shape[0]}, "
+                         f"the image {predicted.shape[1]}x{predicted.shape[0]}")
+    try:
+        return segmentation_metrics.confusion_matrix(truth, predicted, number_classes)
+    except ValueError as error:
+        raise ValueError(f"{truth_path}: {error}") from None
+
+
+def print_scores(confusion):
+    accuracy, iou, mean_iou = segmentation_metrics.segmentation_metrics(confusion)
+    iou_text = " ".join(f"{value:.4f}" for value in iou)
+    print(f"scores against the ground truth: pixel accuracy {accuracy:.4f} mean IoU {mean_iou:.4f} "
+          f"IoU per class [{iou_text}]")
+
+
 def prepare(args):
     """Check the flags and list the images; exits with one line on any problem."""
     try:
@@ -495,6 +521,8 @@ def prepare(args):
         sys.exit(f"error: {args.image_folder}: no .{args.image_format} images")
     if args.batch_size < 0:
         sys.exit(f"error: --batch_size {args.batch_size} must be at least 1 (or 0: automatic)")
+    if args.mask_folder is not None and not os.path.isdir(args.mask_folder):
+        sys.exit(f"error: {args.mask_folder}: mask folder does not exist")
     if os.path.realpath(args.output_folder) == os.path.realpath(args.image_folder):
         sys.exit(f"error: {args.output_folder}: the output folder must differ from the image folder")
     return names
@@ -516,12 +544,17 @@ def main(argv=None):
           f"classes, radius {metadata['radius']}; tiles of at most {args.tile_size} pixels, "
           f"{args.batch_size or 'automatic'} per batch")
 
+    number_classes = metadata["number_classes"]
+    confusion = np.zeros((number_classes, number_classes), dtype=np.int64)
     failures, megapixels, started = [], 0.0, time.perf_counter()
     for name in names:
         path = os.path.join(args.image_folder, name)
         image_started = time.perf_counter()
         try:
             height, width, tiles = segment_file(path, args.output_folder, predict, metadata, args)
+            if args.mask_folder is not None:
+                written = output_path(args.output_folder, name)
+                confusion += score_mask(written, args.mask_folder, number_classes)
         except Exception as error:  # one bad image must not stop the others
             message = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
             message = message if message.startswith(path) else f"{path}: {message}"
@@ -535,6 +568,8 @@ def main(argv=None):
     seconds = time.perf_counter() - started
     print(f"done: {len(names) - len(failures)} image(s) segmented, {len(failures)} failed, "
           f"{megapixels:.1f} Mpx in {seconds:.1f} s ({megapixels / max(seconds, 1e-9):.2f} Mpx/s)")
+    if args.mask_folder is not None:
+        print_scores(confusion)
     if failures:
         print("failed images:\n" + "\n".join(f"  {message}" for message in failures), file=sys.stderr)
         sys.exit(1)

@@ -42,6 +42,7 @@ import numpy as np
 
 from augment import AugmentationConfig
 from imagereader import ImageReader, ReaderError
+from segmentation_metrics import segmentation_metrics
 
 if __name__ != "__mp_main__":
     # The reader starts its workers with 'spawn', which re-imports this script (as __mp_main__) in
@@ -315,20 +316,6 @@ def weighted_test_stream(dataset, examples, pass_length):
         image, mask = example
         return image, mask, tf.cast(index % pass_length < examples, tf.float32)
     return dataset.enumerate().map(tag)
-
-
-def segmentation_metrics(confusion):
-    """Pixel accuracy, per-class IoU (NaN for a class absent from labels and predictions) and mean IoU
-    (over the classes with an IoU) of a confusion matrix (rows: true class, columns: predicted)."""
-    confusion = np.asarray(confusion, dtype=np.float64)
-    true_positive = np.diag(confusion)
-    union = confusion.sum(axis=0) + confusion.sum(axis=1) - true_positive
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(union > 0, true_positive / union, np.nan)
-    total = confusion.sum()
-    accuracy = float(true_positive.sum() / total) if total else float("nan")
-    mean_iou = float(np.nanmean(iou)) if np.any(union > 0) else float("nan")
-    return accuracy, iou, mean_iou
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import records
-from train_fcdensenet import early_stopping_status, segmentation_metrics
+from train_fcdensenet import early_stopping_status
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, "train_fcdensenet.py")
@@ -133,14 +133,6 @@ def read_csv_rows(path):
 def test_early_stopping_rule(losses, patience, expected):
     best_epoch, stop = early_stopping_status(losses, patience)
     assert (best_epoch, stop) == expected
-
-
-def test_segmentation_metrics():
-    confusion = np.array([[5, 1, 0], [2, 2, 0], [0, 0, 0]])  # class 2 absent everywhere
-    accuracy, iou, mean_iou = segmentation_metrics(confusion)
-    assert accuracy == pytest.approx(7 / 10)
-    assert iou[0] == pytest.approx(5 / 8) and iou[1] == pytest.approx(2 / 5) and np.isnan(iou[2])
-    assert mean_iou == pytest.approx((5 / 8 + 2 / 5) / 2)
 
 
 # ----------------------------------------------------------------------------------------------
