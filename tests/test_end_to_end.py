@@ -51,11 +51,24 @@ def test_build_train_export_segment_on_the_example_data(tmp_path):
     # one image that is not a multiple of 32, as a user's crop would be
     crop = tifffile.imread(os.path.join(IMAGES, chosen[0]))[:201, :150]
     tifffile.imwrite(image_folder / "crop.tif", crop, compression="zlib")
+    truth_folder = tmp_path / "truth"
+    truth_folder.mkdir()
+    for name in chosen:
+        (truth_folder / name).symlink_to(os.path.join(MASKS, name))
+    tifffile.imwrite(truth_folder / "crop.tif", tifffile.imread(os.path.join(MASKS, chosen[0]))[:201, :150])
 
     masks_folder = tmp_path / "masks"
     output = run_script("inference_fcdensenet.py", "--saved_model_filepath", run_dir / "saved_model",
-                        "--image_folder", image_folder, "--output_folder", masks_folder)
+                        "--image_folder", image_folder, "--output_folder", masks_folder,
+                        "--mask_folder", truth_folder)
     assert "5 image(s) segmented, 0 failed" in output
+    expected = np.zeros((2, 2), dtype=np.int64)
+    for name in chosen + ["crop.tif"]:
+        truth = tifffile.imread(truth_folder / name).astype(np.int64)
+        predicted = tifffile.imread(masks_folder / name).astype(np.int64)
+        expected += np.bincount((truth * 2 + predicted).ravel(), minlength=4).reshape(2, 2)
+    accuracy = np.trace(expected) / expected.sum()
+    assert f"scores against the ground truth: pixel accuracy {accuracy:.4f}" in output
     assert sorted(os.listdir(masks_folder)) == sorted(chosen + ["crop.tif"])
     for name in chosen:
         mask = tifffile.imread(masks_folder / name)
