@@ -361,7 +361,7 @@ def export_saved_model(model, path, extra_metadata=None, radius=None):
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     try:
         _write_saved_model(model, staging, metadata)
-        _replace_directory(staging, path)
+        replace_directory(staging, path)
     finally:
         if os.path.exists(staging):
             shutil.rmtree(staging)
@@ -373,7 +373,8 @@ def _is_our_export(path):
         not os.listdir(path) or os.path.isfile(os.path.join(path, METADATA_FILENAME)))
 
 
-def _replace_directory(source, target):
+def replace_directory(source, target):
+    """Rename a finished directory onto target; an existing target is removed only once it is replaced."""
     if not os.path.exists(target):
         os.rename(source, target)
         return

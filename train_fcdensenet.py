@@ -336,18 +336,6 @@ def write_atomic(path, text):
         raise
 
 
-def replace_directory(staging, target):
-    """Move a finished directory into place; the old one is removed only after the rename."""
-    parking = target + ".old"
-    if os.path.exists(parking):
-        shutil.rmtree(parking)
-    if os.path.exists(target):
-        os.rename(target, parking)
-    os.rename(staging, target)
-    if os.path.exists(parking):
-        shutil.rmtree(parking)
-
-
 def run_settings(args, augmentation):
     settings = {name: getattr(args, name) for name in RUN_DEFINING if hasattr(args, name)}
     settings["train_database"] = os.path.abspath(args.train_database)
@@ -426,7 +414,7 @@ def save_resume_point(output_dir, checkpoint, state, is_chief):
     checkpoint.write(os.path.join(staging, CKPT_PREFIX))
     with open(os.path.join(staging, STATE_FILE), "w") as handle:
         json.dump(state, handle, indent=1)
-    replace_directory(staging, os.path.join(output_dir, RESUME_DIR))
+    fcdensenet.replace_directory(staging, os.path.join(output_dir, RESUME_DIR))
 
 
 def save_best_model(output_dir, export_model, weights, metadata):
@@ -434,7 +422,7 @@ def save_best_model(output_dir, export_model, weights, metadata):
     export_model.set_weights(weights)
     staging = tempfile.mkdtemp(prefix=f".{BEST_CHECKPOINT_DIR}.tmp-", dir=output_dir)
     tf.train.Checkpoint(model=export_model).write(os.path.join(staging, CKPT_PREFIX))
-    replace_directory(staging, os.path.join(output_dir, BEST_CHECKPOINT_DIR))
+    fcdensenet.replace_directory(staging, os.path.join(output_dir, BEST_CHECKPOINT_DIR))
     fcdensenet.export_saved_model(export_model, os.path.join(output_dir, SAVED_MODEL_DIR),
                                   extra_metadata={"training": metadata})
 
