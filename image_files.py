@@ -57,9 +57,9 @@ def as_supported_image(array, path):
     """Convert an image to a supported pixel type when that is lossless, else ImageFileError."""
     if array.dtype in IMAGE_DTYPES:
         return array
-    if array.dtype == np.bool_ or array.dtype == np.int8:
-        return array.astype(np.int32) if array.dtype == np.int8 else array.astype(np.uint8)
-    if array.dtype == np.int16:
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8)
+    if array.dtype in (np.int8, np.int16):
         return array.astype(np.int32)
     if array.dtype == np.float16:
         return array.astype(np.float32)

@@ -1,0 +1,59 @@
+import os
+
+import lmdb
+import numpy as np
+import pytest
+
+import records
+
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
+                        "fixtures", "nist-built-lmdb")
+
+
+@pytest.mark.parametrize("image_dtype", [np.uint8, np.uint16, np.int32, np.float32])
+def test_round_trip_keeps_pixels_types_and_labels(image_dtype):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 200, size=(32, 64, 3)).astype(image_dtype)
+    mask = rng.integers(0, 3, size=(32, 64)).astype(np.uint8)
+    record = records.decode_record(records.encode_record(image, mask))
+    assert record.image.dtype == image_dtype and np.array_equal(record.image, image)
+    assert record.mask.dtype == np.uint8 and np.array_equal(record.mask, mask)
+    assert record.labels.tolist() == [0, 1, 2]
+
+
+def test_a_2d_image_is_stored_with_one_channel():
+    record = records.decode_record(records.encode_record(np.zeros((32, 32), np.uint16),
+                                                         np.ones((32, 32), np.int32)))
+    assert record.image.shape == (32, 32, 1) and record.mask.dtype == np.int32
+
+
+def test_reencoding_a_reference_record_gives_the_same_bytes():
+    env = lmdb.open(os.path.join(FIXTURES, "train-nist.lmdb"), readonly=True, lock=False)
+    with env.begin() as transaction:
+        key, value = next(iter(transaction.cursor()))
+    env.close()
+    record = records.decode_record(value)
+    assert records.encode_record(record.image, record.mask) == bytes(value)
+    assert records.key_classes(key) == record.labels.tolist()
+
+
+def test_negative_int32_varints_round_trip():
+    encoded = records._encode_varint(-5)
+    assert len(encoded) == 10
+    value, position = records._decode_varint(encoded, 0)
+    assert position == 10 and value - (1 << 64) == -5
+
+
+@pytest.mark.parametrize("cut", [3, 20, -7])
+def test_truncated_records_raise_record_error(cut):
+    value = records.encode_record(np.zeros((32, 32), np.uint8), np.zeros((32, 32), np.uint8))
+    with pytest.raises(records.RecordError):
+        records.decode_record(value[:cut])
+
+
+def test_keys_match_the_reference_layout():
+    assert records.make_key("img_1", [0, 2]) == b"img_1:0,2"
+    assert records.make_key("img_1", [1], tile_origin=(102, 0)) == b"img_1_i102_j0:1"
+    assert records.key_classes(b"a:b:0,3") == [0, 3]
+    with pytest.raises(records.RecordError):
+        records.key_classes(b"no-classes")
