@@ -32,7 +32,7 @@ import lmdb
 import numpy as np
 
 from image_files import ImageFileError, as_supported_image, list_images, normalize_extension, read_image
-from records import FILENAMES_CSV, SIZE_FACTOR, decode_record, encode_record, make_key
+from records import FILENAMES_CSV, SIZE_FACTOR, make_record
 
 # FCDenseNet56's receptive-field radius: the reference strides tiles by tile_size - RADIUS
 RADIUS = 384
@@ -190,12 +190,6 @@ def load_pair(image_path, mask_path):
     return image, mask
 
 
-def keyed_record(image, mask, stem, origin):
-    value = encode_record(image, mask)
-    # the key lists the record's own labels, so the two always agree (and np.unique runs once)
-    return make_key(stem, decode_record(value).labels, origin), value
-
-
 def pair_records(image, mask, stem, tile_size):
     """(key, value) records of one pair, the cropped pair or its tiles, and their bytes of pixels."""
     if tile_size:
@@ -207,7 +201,7 @@ def pair_records(image, mask, stem, tile_size):
         image = crop_to_multiple(pad_to_size(image, SIZE_FACTOR, SIZE_FACTOR))
         mask = crop_to_multiple(pad_to_size(mask, SIZE_FACTOR, SIZE_FACTOR))
         pieces = [(image, mask, None)]
-    records = [keyed_record(piece_image, piece_mask, stem, origin) for piece_image, piece_mask, origin in pieces]
+    records = [make_record(stem, piece_image, piece_mask, origin) for piece_image, piece_mask, origin in pieces]
     return records, sum(piece_image.nbytes + piece_mask.nbytes for piece_image, piece_mask, _ in pieces)
 
 

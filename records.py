@@ -79,8 +79,11 @@ def _decode_varint(buffer, position):
             raise RecordError("varint too long")
 
 
-def encode_record(image, mask):
-    """Serialise an image (HW or HWC) and its mask (HW) as an ImageMaskPair message."""
+def encode_record(image, mask, labels=None):
+    """Serialise an image (HW or HWC) and its mask (HW) as an ImageMaskPair message.
+
+    labels: the sorted unique mask values when the caller already has them (see make_record).
+    """
     image = np.ascontiguousarray(image)
     mask = np.ascontiguousarray(mask)
     if image.ndim == 2:
@@ -96,7 +99,7 @@ def encode_record(image, mask):
         "mask_type": mask.dtype.str.encode("ascii"),
         "image": image.tobytes(),
         "mask": mask.tobytes(),
-        "labels": np.unique(mask).astype(mask.dtype).tobytes(),
+        "labels": np.asarray(np.unique(mask) if labels is None else labels, dtype=mask.dtype).tobytes(),
     }
     parts = []
     for number, (name, wire_type) in _FIELDS.items():
@@ -161,6 +164,12 @@ def make_key(stem, classes, tile_origin=None):
     """The reference's key: `stem[_i{y0}_j{x0}]:{c1},{c2},...`, as ASCII bytes."""
     name = stem if tile_origin is None else f"{stem}_i{tile_origin[0]}_j{tile_origin[1]}"
     return f"{name}:{','.join(str(int(c)) for c in classes)}".encode("ascii")
+
+
+def make_record(stem, image, mask, tile_origin=None):
+    """(key, value) of one pair: the key lists exactly the labels stored in the record."""
+    labels = np.unique(mask)
+    return make_key(stem, labels, tile_origin), encode_record(image, mask, labels)
 
 
 def key_classes(key):

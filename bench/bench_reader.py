@@ -54,8 +54,7 @@ def build_database(path, size, count):
             field = scipy.ndimage.gaussian_filter(rng.normal(0, 1, (size, size)), 8)
             image = ((field - field.min()) / np.ptp(field) * 60000).astype(np.uint16)
             mask = (field > np.percentile(field, 70)).astype(np.uint8)
-            key = records.make_key(f"img_{index:04d}", np.unique(mask))
-            txn.put(key, records.encode_record(image, mask))
+            txn.put(*records.make_record(f"img_{index:04d}", image, mask))
     env.close()
 
 

@@ -57,8 +57,7 @@ def write_database(path, count, size, seed=0):
             field = np.kron(field, np.ones((8, 8)))
             image = (1000 + 300 * field + rng.normal(0, 30, field.shape)).clip(0, 65535).astype(np.uint16)
             mask = (field > 0.5).astype(np.uint8)
-            transaction.put(records.make_key(f"bench{index:04d}", np.unique(mask)),
-                            records.encode_record(image, mask))
+            transaction.put(*records.make_record(f"bench{index:04d}", image, mask))
     env.close()
 
 

@@ -57,3 +57,11 @@ def test_keys_match_the_reference_layout():
     assert records.key_classes(b"a:b:0,3") == [0, 3]
     with pytest.raises(records.RecordError):
         records.key_classes(b"no-classes")
+
+
+def test_make_record_keys_list_the_stored_labels():
+    mask = np.array([[3, 0], [3, 3]] * 16, dtype=np.uint8).reshape(32, 2).repeat(16, axis=1)
+    key, value = records.make_record("tile", np.zeros((32, 32), np.float32), mask, tile_origin=(0, 64))
+    assert key == b"tile_i0_j64:0,3"
+    assert records.decode_record(value).labels.tolist() == [0, 3]
+    assert value == records.encode_record(np.zeros((32, 32), np.float32), mask)
