@@ -230,9 +230,12 @@ class _Writer:
     """Batched, map-size-aware writes into one LMDB environment."""
 
     def __init__(self, path):
+        self.path = path
         self.map_size = 8 << 20
         self.used = 0
-        self.env = lmdb.open(path, map_size=self.map_size, sync=False, metasync=False)
+        # writemap: puts go straight into the shared mapping, so a commit has no pages left to copy;
+        # nothing needs durability before close(), which syncs once
+        self.env = lmdb.open(path, map_size=self.map_size, sync=False, metasync=False, writemap=True)
 
     def write(self, batch):
         needed = self.used + sum(_footprint(key, value) for key, value in batch)
@@ -251,7 +254,13 @@ class _Writer:
 
     def close(self):
         self.env.sync(True)
+        used_bytes = (self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"]
         self.env.close()
+        # with writemap the data file is as long as the map; cut it to the pages in use (LMDB
+        # never reads past its last page, and a reader's map may be longer than the file)
+        data_file = os.path.join(self.path, "data.mdb")
+        if os.path.getsize(data_file) > used_bytes:
+            os.truncate(data_file, used_bytes)
 
 
 def write_database(path, results, file_count, label, log):
@@ -370,7 +379,7 @@ class WorkerPool:
     reported instead of waited for forever.
     """
 
-    IN_FLIGHT = 2  # chunks queued per worker, so it never waits for the parent between chunks
+    IN_FLIGHT = 6  # chunks queued per worker, so it never waits for the parent between chunks
 
     def __init__(self, count):
         context = pool_context()
@@ -413,6 +422,8 @@ class WorkerPool:
                     try:
                         self.connections[worker].send((sent, chunks[sent]))
                     except OSError:  # its end of the pipe is closed: the process is gone
+                        if cancel.is_set():
+                            raise Interrupted() from None
                         raise ValueError(self._died(self.processes[worker])) from None
                     outstanding[worker] += 1
                     sent += 1
@@ -425,6 +436,8 @@ class WorkerPool:
                 except queue.Empty:
                     continue
                 if message[0] == "died":
+                    if cancel.is_set():  # Ctrl-C reached a worker still starting up, before it ignored SIGINT
+                        raise Interrupted()
                     raise ValueError(self._died(message[1]))
                 worker, index, results = message
                 outstanding[worker] -= 1

@@ -122,8 +122,8 @@ def _prepare_example(key, buffer, settings, rng):
     height, width, channels = record.image.shape
     if height % records.SIZE_FACTOR or width % records.SIZE_FACTOR:
         raise ValueError(f"size {height}x{width} is not a multiple of {records.SIZE_FACTOR}")
-    if record.image.shape != settings["image_shape"]:
-        expected = "x".join(str(v) for v in settings["image_shape"])
+    if record.image.shape != settings["record_shape"]:
+        expected = "x".join(str(v) for v in settings["record_shape"])
         raise ValueError(f"size {height}x{width}x{channels} differs from the first record's {expected}")
     mask = record.mask
     if mask.size:
@@ -136,7 +136,13 @@ def _prepare_example(key, buffer, settings, rng):
     image = record.image
     if settings["augmentation"] is not None:
         image, mask = augment.augment(image, mask, settings["augmentation"], rng)
-    return image_files.zscore_normalize(image), mask
+    image = image_files.zscore_normalize(image)
+    crop = settings["crop_size"]
+    if crop:
+        # after normalising: a crop carries the whole record's statistics, as inference uses the whole image's
+        top, left = rng.integers(0, height - crop + 1), rng.integers(0, width - crop + 1)
+        image, mask = image[top:top + crop, left:left + crop], mask[top:top + crop, left:left + crop]
+    return image, mask
 
 
 def _worker_main(worker_index, settings, ready_queue, free_queue, stop_event, parent_pid):
@@ -227,13 +233,15 @@ class ImageReader:
     shuffle: pick records at random; with neither, worker i reads keys i, i+W, i+2W, ... forever.
     num_workers: worker processes (in ordered mode at most one per record).
     number_classes: masks must hold classes in [0, number_classes).
+    crop_size: 0 serves whole records; otherwise a random crop_size x crop_size window of each record
+        (a multiple of 32, at most the record size), cut after augmentation and normalisation.
     seed: None for fresh randomness; an int gives worker i the stream default_rng([seed, i]).
     queue_size_per_worker: finished examples buffered per worker (fewer when /dev/shm is small).
     """
 
     def __init__(self, img_db, use_augmentation=True, balance_classes=False, shuffle=True,
                  num_workers=1, number_classes=2, augmentation_config=None, seed=None,
-                 queue_size_per_worker=100):
+                 queue_size_per_worker=100, crop_size=0):
         self.db_path = os.fspath(img_db)
         if int(num_workers) < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
@@ -250,7 +258,11 @@ class ImageReader:
         self.augmentation_config = augmentation_config
         self.seed = seed
         self.mode = "balance" if balance_classes else ("shuffle" if shuffle else "ordered")
-        self.image_count, self.image_shape, self.image_dtype = self._inspect_database()
+        self.image_count, self.record_shape, self.image_dtype = self._inspect_database()
+        self.crop_size = self._check_crop_size(crop_size)
+        # the shape of the examples served
+        self.image_shape = (self.crop_size, self.crop_size, self.record_shape[2]) if self.crop_size \
+            else self.record_shape
         if self.mode == "ordered":
             num_workers = min(int(num_workers), self.image_count)
         self.num_workers = int(num_workers)
@@ -313,6 +325,15 @@ class ImageReader:
                              f"not a multiple of {records.SIZE_FACTOR} in height and width")
         return count, (height, width, channels), first.image.dtype
 
+    def _check_crop_size(self, crop_size):
+        crop_size = int(crop_size)
+        height, width, _ = self.record_shape
+        if crop_size < 0 or crop_size % records.SIZE_FACTOR:
+            raise ValueError(f"crop_size must be 0 or a positive multiple of {records.SIZE_FACTOR}, got {crop_size}")
+        if crop_size > min(height, width):
+            raise ValueError(f"{self.db_path}: crop size {crop_size} is larger than its {height}x{width} records")
+        return crop_size
+
     def _slot_bytes(self):
         height, width, channels = self.image_shape
         return height * width * (channels * 4 + self.mask_dtype.itemsize)
@@ -342,7 +363,7 @@ class ImageReader:
         return self.image_count
 
     def get_image_size(self):
-        """(height, width, channels) of the first record."""
+        """(height, width, channels) of the examples: the records', or the crop's when cropping."""
         return self.image_shape
 
     def _settings(self):
@@ -351,7 +372,9 @@ class ImageReader:
             "mode": self.mode,
             "num_workers": self.num_workers,
             "number_classes": self.number_classes,
+            "record_shape": self.record_shape,
             "image_shape": self.image_shape,
+            "crop_size": self.crop_size,
             "mask_dtype": self.mask_dtype,
             "augmentation": self.augmentation_config if self.use_augmentation else None,
             "seed": self.seed,

@@ -71,7 +71,7 @@ RUN_MARKERS = (SETTINGS_FILE, TEST_LOSS_FILE, TEST_METRICS_FILE, BEST_CHECKPOINT
 RUN_DEFINING = ("train_database", "test_database", "batch_size", "number_classes", "learning_rate",
                 "test_every_n_steps", "balance_classes", "use_augmentation", "early_stopping",
                 "model", "layers_per_block", "growth_rate", "dropout_rate", "seed", "mixed_precision",
-                "augmentation")
+                "augmentation", "crop_size")
 
 
 def parse_args(argv=None):
@@ -108,6 +108,10 @@ def parse_args(argv=None):
     parser.add_argument("--augmentation_config", default=None,
                         help="JSON file of augmentation settings (augment.AugmentationConfig fields); "
                              "unset: the reference's settings")
+    parser.add_argument("--crop_size", type=int, default=0,
+                        help="train on a random crop_size x crop_size window (a multiple of 32) of each "
+                             "record, normalised with the whole record's statistics as at inference; "
+                             "0: whole records. The test pass always uses whole records")
     parser.add_argument("--max_epochs", type=int, default=None,
                         help="stop after this many epochs (the warm-up counts); unset: no limit")
     parser.add_argument("--mixed_precision", type=int, default=0, choices=(0, 1),
@@ -131,6 +135,8 @@ def check_args(args):
         raise ValueError(f"--max_epochs must be >= 1, got {args.max_epochs}")
     if not 0 <= args.dropout_rate < 1:
         raise ValueError(f"--dropout_rate must be in [0, 1), got {args.dropout_rate}")
+    if args.crop_size < 0 or args.crop_size % 32:
+        raise ValueError(f"--crop_size must be 0 or a positive multiple of 32, got {args.crop_size}")
     for name in ("layers_per_block", "growth_rate"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -375,6 +381,7 @@ def check_output_dir(output_dir, settings):
     try:
         with open(settings_path) as handle:
             previous = json.load(handle)
+        previous.setdefault("crop_size", 0)  # runs from before the flag existed
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"{settings_path}: unreadable ({error})") from None
     state, resume_dir = read_state(output_dir)
@@ -702,7 +709,7 @@ def open_readers(args, stack, local_replicas, worker_index, augmentation, global
                                balance_classes=bool(args.balance_classes), shuffle=True,
                                num_workers=args.reader_count * local_replicas,
                                number_classes=args.number_classes, augmentation_config=augmentation,
-                               seed=seed)
+                               seed=seed, crop_size=args.crop_size)
     # one ordered worker for the test set, so that a pass sees every record exactly once
     test_reader = ImageReader(args.test_database, use_augmentation=False, balance_classes=False,
                               shuffle=False, num_workers=1, number_classes=args.number_classes, seed=seed)
@@ -716,10 +723,11 @@ def open_readers(args, stack, local_replicas, worker_index, augmentation, global
 
 
 def print_setup(args, trainer, workers, augmentation):
-    height, width, channels = trainer.image_size
+    height, width, channels = trainer.train_reader.record_shape
     local = trainer.replicas // workers
+    crops = f" (training on {args.crop_size}x{args.crop_size} crops)" if args.crop_size else ""
     print(f"train records: {trainer.train_reader.get_image_count()}  test records: {trainer.test_examples}  "
-          f"image size: {height}x{width}  channels: {channels}  classes: {args.number_classes}")
+          f"image size: {height}x{width}{crops}  channels: {channels}  classes: {args.number_classes}")
     print(f"workers: {workers}  replicas: {trainer.replicas} ({local} per worker)  "
           f"global batch: {trainer.global_batch}  readers: {args.reader_count * local} per worker  "
           f"test steps per pass: {trainer.test_steps}")

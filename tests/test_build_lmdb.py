@@ -355,7 +355,8 @@ def start_slow_build(folder, output):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     temporary = output / f"train-HES.lmdb.tmp-{process.pid}"
     deadline = time.monotonic() + 60
-    while not ((temporary / "data.mdb").exists() and (temporary / "data.mdb").stat().st_size > 1 << 20):
+    # allocated blocks, not the length: the writer maps the file, so its length runs ahead of the data
+    while not ((temporary / "data.mdb").exists() and (temporary / "data.mdb").stat().st_blocks * 512 > 1 << 20):
         if process.poll() is not None or time.monotonic() > deadline:
             stop_group(process)
             pytest.fail(f"the build ended or stalled before its first commit: {process.communicate()}")

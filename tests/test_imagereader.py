@@ -97,6 +97,33 @@ def test_tiled_fixture_with_augmentation_and_balancing():
             assert mask.shape == (128, 128) and set(np.unique(mask)) <= {0, 1}
 
 
+def test_crops_are_windows_of_the_whole_record_normalised_as_a_whole(tmp_path):
+    path = write_db(tmp_path / "big.lmdb", [record_entry(i, size=(96, 128), classes=(0, 1, 2)) for i in range(3)])
+    wholes = [(image_files.zscore_normalize(make_pair(i, (96, 128), (0, 1, 2))[0]), make_pair(i, (96, 128), (0, 1, 2))[1])
+              for i in range(3)]
+    reader = ImageReader(path, use_augmentation=False, shuffle=False, number_classes=3, crop_size=64, seed=0)
+    assert reader.get_image_size() == (64, 64, 1)
+    origins = set()
+    with reader:
+        for image, mask in take(reader, 30):
+            assert image.shape == (64, 64, 1) and mask.shape == (64, 64)
+            found = [(index, top, left) for index, (whole, whole_mask) in enumerate(wholes)
+                     for top in range(96 - 64 + 1) for left in range(128 - 64 + 1)
+                     if np.array_equal(whole[top:top + 64, left:left + 64], image)]
+            assert len(found) == 1  # a window of one record, scaled by that record's statistics
+            index, top, left = found[0]
+            np.testing.assert_array_equal(mask, wholes[index][1][top:top + 64, left:left + 64])
+            origins.add((top, left))
+    assert len(origins) > 10  # the windows move
+
+
+@pytest.mark.parametrize("crop_size, match", [(48, "multiple of 32"), (128, "larger than its 96x128")])
+def test_bad_crop_sizes_are_refused(tmp_path, crop_size, match):
+    path = write_db(tmp_path / "big.lmdb", [record_entry(0, size=(96, 128))])
+    with pytest.raises(ValueError, match=match):
+        ImageReader(path, crop_size=crop_size)
+
+
 def test_same_seed_same_sequence(small_db):
     sequences = []
     for seed in (5, 5, 6):

@@ -65,3 +65,14 @@ def test_make_record_keys_list_the_stored_labels():
     assert key == b"tile_i0_j64:0,3"
     assert records.decode_record(value).labels.tolist() == [0, 3]
     assert value == records.encode_record(np.zeros((32, 32), np.float32), mask)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32])
+def test_mask_labels_are_the_sorted_distinct_values_in_the_mask_type(dtype):
+    rng = np.random.default_rng(5)
+    mask = rng.choice(np.array([0, 3, 200, 17], dtype=dtype), size=(40, 30))
+    mask[0, 0] = 255 if dtype == np.uint8 else 65535
+    labels = records.mask_labels(mask)
+    assert labels.dtype == dtype
+    assert labels.tolist() == sorted({0, 3, 200, 17, int(mask[0, 0])})
+    assert records.mask_labels(np.zeros((0, 5), dtype)).tolist() == []

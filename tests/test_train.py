@@ -367,6 +367,19 @@ def test_interrupt_and_resume_keep_the_history_continuous(databases, tmp_path):
     assert len([name for name in os.listdir(output) if name.startswith("tensorboard-")]) == 1
 
 
+def test_crops_train_and_whole_records_test(databases, tmp_path):
+    large = make_database(tmp_path / "large.lmdb", 6, size=96, seed=5)
+    output = tmp_path / "run"
+    command = train_command({**databases, "large": large}, output, "--batch_size", "2", "--crop_size", "32",
+                            "--test_every_n_steps", "2", "--max_epochs", "1", "--seed", "1", train="large")
+    result, left = run(command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not left
+    assert "train records: 6  test records: 5  image size: 96x96 (training on 32x32 crops)" in result.stdout
+    assert len(read_csv_rows(output / "test_metrics.csv")) == 2
+    assert json.loads((output / "run_settings.json").read_text())["crop_size"] == 32
+
+
 # ----------------------------------------------------------------------------------------------
 # bad input
 
@@ -380,6 +393,8 @@ def test_interrupt_and_resume_keep_the_history_continuous(databases, tmp_path):
     ("test_every_n_steps", "error: --test_every_n_steps must be >= 1"),
     ("foreign_output", "holds another run's files"),
     ("mixed_precision_on_cpu", "needs a GPU"),
+    ("crop_not_multiple", "error: --crop_size must be 0 or a positive multiple of 32"),
+    ("crop_too_large", "crop size 64 is larger than its 32x32 records"),
 ])
 def test_bad_input_fails_with_one_line(databases, tmp_path, case, expected):
     output = tmp_path / "run"
@@ -401,6 +416,10 @@ def test_bad_input_fails_with_one_line(databases, tmp_path, case, expected):
         (output / "test_loss.csv").write_text("0.5\n")
     elif case == "mixed_precision_on_cpu":
         command += ["--mixed_precision", "1"]
+    elif case == "crop_not_multiple":
+        command += ["--crop_size", "48"]
+    elif case == "crop_too_large":
+        command += ["--crop_size", "64"]
     result, left = run(command)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
