@@ -9,9 +9,10 @@
     python build_lmdb.py --image_format .png --train_fraction 0.7 --workers 4
 
 The records and keys are the reference's (records.py), so databases built here load in the NIST
-reference tool and the other way round. Worker processes decode and crop; the parent writes batched
-transactions into a temporary directory beside each target and renames both databases into place
-only once both are complete, so an interrupted or failed build leaves earlier databases untouched.
+reference tool and the other way round. Worker processes decode, crop and write their records
+straight into the database (LMDB serialises their transactions), in a temporary directory beside each
+target; the parent renames both databases into place only once both are complete, so an interrupted or
+failed build leaves earlier databases untouched.
 """
 
 import argparse
@@ -36,9 +37,7 @@ from records import FILENAMES_CSV, SIZE_FACTOR, make_record
 
 # FCDenseNet56's receptive-field radius: the reference strides tiles by tile_size - RADIUS
 RADIUS = 384
-BATCH_RECORDS = 64
-BATCH_BYTES = 128 << 20
-PAGE = 4096
+INITIAL_MAP_SIZE = 8 << 20
 PROGRESS_SECONDS = 1.0
 
 
@@ -221,77 +220,85 @@ def encode_file(task):
     return {"records": records, "pixel_bytes": pixel_bytes, "padded": padded}
 
 
-def _footprint(key, value):
-    # LMDB stores a large value on whole overflow pages; the extra pages cover the B-tree itself
-    return ((len(key) + len(value) + 64) // PAGE + 2) * PAGE
+class RecordStore:
+    """The LMDB databases one process writes records into, each opened on first use.
 
+    The workers write their records themselves, so no pixels travel back to the parent. Several
+    processes may write into one database at once: LMDB serialises their write transactions through
+    its lock file. The map starts small and doubles whenever a transaction finds it full, so it is
+    sized from the data; a process whose map another one grew adopts the new size. Commits are not
+    synced: the parent syncs each database once, when it is complete (finish_database).
+    """
 
-class _Writer:
-    """Batched, map-size-aware writes into one LMDB environment."""
+    def __init__(self):
+        self.environments = {}
 
-    def __init__(self, path):
-        self.path = path
-        self.map_size = 8 << 20
-        self.used = 0
-        # writemap: puts go straight into the shared mapping, so a commit has no pages left to copy;
-        # nothing needs durability before close(), which syncs once
-        self.env = lmdb.open(path, map_size=self.map_size, sync=False, metasync=False, writemap=True)
-
-    def write(self, batch):
-        needed = self.used + sum(_footprint(key, value) for key, value in batch)
+    def put(self, path, records):
+        """Write (key, value) records in one transaction."""
+        environment = self.environments.get(path)
+        if environment is None:
+            environment = lmdb.open(path, map_size=INITIAL_MAP_SIZE, sync=False, metasync=False)
+            self.environments[path] = environment
         while True:
-            if needed * 1.1 + (1 << 20) > self.map_size:
-                self.map_size = int(max(needed * 1.5, self.map_size * 1.5)) + (1 << 20)
-                self.env.set_mapsize(self.map_size)
             try:
-                with self.env.begin(write=True) as txn:
-                    for key, value in batch:
-                        txn.put(key, value)
-                break
-            except lmdb.MapFullError:  # the estimate was short: grow and rewrite the whole batch
-                needed = max(needed, self.map_size)
-        self.used = needed
+                with environment.begin(write=True) as transaction:
+                    for key, value in records:
+                        transaction.put(key, value)
+                return
+            except lmdb.MapResizedError:  # another process grew the map: adopt its size
+                environment.set_mapsize(0)
+            except lmdb.MapFullError:  # the aborted transaction is simply written again
+                environment.set_mapsize(environment.info()["map_size"] * 2)
 
     def close(self):
-        self.env.sync(True)
-        used_bytes = (self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"]
-        self.env.close()
-        # with writemap the data file is as long as the map; cut it to the pages in use (LMDB
-        # never reads past its last page, and a reader's map may be longer than the file)
-        data_file = os.path.join(self.path, "data.mdb")
-        if os.path.getsize(data_file) > used_bytes:
-            os.truncate(data_file, used_bytes)
+        for environment in self.environments.values():
+            environment.close()
+        self.environments.clear()
 
 
-def write_database(path, results, file_count, label, log):
-    """Consume worker results in order and write them in batches; returns (records, pixel bytes, padded)."""
-    writer = _Writer(path)
+def store_chunk(tasks, database, store):
+    """Encode pairs and write their records into `database`; returns one summary per task (no pixels)."""
+    encoded = [encode_file(task) for task in tasks]
+    if any("error" in result for result in encoded):
+        return encoded  # the build stops at the first error and discards the database
     try:
-        batch, batch_bytes, records, pixel_bytes, padded = [], 0, 0, 0, []
-        start = last_report = time.perf_counter()
-        for done, (name, result) in enumerate(results, 1):
-            if "error" in result:
-                raise ValueError(result["error"])
-            batch.extend(result["records"])
-            batch_bytes += sum(len(value) for _, value in result["records"])
-            records += len(result["records"])
-            pixel_bytes += result["pixel_bytes"]
-            if result["padded"]:
-                padded.append(name)
-            if len(batch) >= BATCH_RECORDS or batch_bytes >= BATCH_BYTES or done == file_count:
-                writer.write(batch)
-                batch, batch_bytes = [], 0
-            now = time.perf_counter()
-            if now - last_report >= PROGRESS_SECONDS or done == file_count:
-                last_report = now
-                rate = pixel_bytes / 1e6 / max(now - start, 1e-9)
-                log(f"{label}: {done}/{file_count} files, {records} records, "
-                    f"{pixel_bytes / 1e6:.1f} MB of pixels, {rate:.1f} MB/s")
-        if batch:
-            writer.write(batch)
-    finally:
-        writer.close()
+        store.put(database, [record for result in encoded for record in result["records"]])
+    except lmdb.Error as error:  # a full disk, for instance
+        return [{"error": f"{database}: writing the database failed ({error})"}] * len(tasks)
+    return [dict(result, records=len(result["records"])) for result in encoded]
+
+
+def collect_results(results, file_count, label, log):
+    """Count the stored records in task order, with progress lines; returns (records, pixel bytes, padded)."""
+    records, pixel_bytes, padded = 0, 0, []
+    start = last_report = time.perf_counter()
+    for done, (name, result) in enumerate(results, 1):
+        if "error" in result:
+            raise ValueError(result["error"])
+        records += result["records"]
+        pixel_bytes += result["pixel_bytes"]
+        if result["padded"]:
+            padded.append(name)
+        now = time.perf_counter()
+        if now - last_report >= PROGRESS_SECONDS or done == file_count:
+            last_report = now
+            rate = pixel_bytes / 1e6 / max(now - start, 1e-9)
+            log(f"{label}: {done}/{file_count} files, {records} records, "
+                f"{pixel_bytes / 1e6:.1f} MB of pixels, {rate:.1f} MB/s")
     return records, pixel_bytes, padded
+
+
+def create_database(path):
+    lmdb.open(path, map_size=INITIAL_MAP_SIZE).close()
+
+
+def finish_database(path):
+    """Make a complete database durable: one sync for all the unsynced commits of every writer."""
+    descriptor = os.open(os.path.join(path, "data.mdb"), os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def remove_stale(target):
@@ -355,19 +362,27 @@ def default_workers():
 
 def pool_context():
     """forkserver imports this module once and forks the workers from it; spawn where it is missing."""
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    # Named explicitly: with only the default ('__main__') every worker imported numpy, lmdb and
+    # tifffile again, about 0.1 s each before its first pair; preloaded, a worker starts in ~10 ms.
+    context.set_forkserver_preload(["build_lmdb"])
+    return context
 
 
 def _worker_loop(connection):
-    """Worker: encode chunks of tasks until the parent closes the pipe (or dies)."""
+    """Worker: encode and store chunks of tasks until the parent closes the pipe (or dies)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C means
+    store = RecordStore()
     try:
         while True:
-            index, tasks = connection.recv()
-            connection.send((index, [encode_file(task) for task in tasks]))
+            index, (database, tasks) = connection.recv()
+            connection.send((index, store_chunk(tasks, database, store)))
     except (EOFError, OSError):  # the parent is gone: nothing left to do
         pass
+    finally:
+        store.close()
 
 
 class WorkerPool:
@@ -379,7 +394,7 @@ class WorkerPool:
     reported instead of waited for forever.
     """
 
-    IN_FLIGHT = 6  # chunks queued per worker, so it never waits for the parent between chunks
+    IN_FLIGHT = 2  # chunks queued per worker, so it never waits for the parent between chunks
 
     def __init__(self, count):
         context = pool_context()
@@ -461,18 +476,19 @@ class WorkerPool:
             connection.close()
 
 
-def _named_results(pool, tasks, chunksize, cancel):
-    """(name, result) in task order, from the workers or, without a pool, from this process."""
-    if pool is None:
-        for task in tasks:
+def _chunk_results(pool, chunks, cancel):
+    """Summaries of each (database, tasks) chunk, in order, stored by the workers or by this process."""
+    if pool is not None:
+        yield from pool.results(chunks, cancel)
+        return
+    store = RecordStore()
+    try:
+        for database, tasks in chunks:
             if cancel.is_set():
                 raise Interrupted()
-            yield task[0], encode_file(task)
-        return
-    chunks = [tasks[start:start + chunksize] for start in range(0, len(tasks), chunksize)]
-    for chunk, results in zip(chunks, pool.results(chunks, cancel)):
-        for task, result in zip(chunk, results):
-            yield task[0], result
+            yield store_chunk(tasks, database, store)
+    finally:
+        store.close()
 
 
 def output_folder_of(temporaries):
@@ -485,13 +501,22 @@ def write_splits(splits, temporaries, targets, image_folder, mask_folder, tile, 
     try:
         if workers > 1:
             pool = WorkerPool(workers)
+        chunks = {}
+        for split, files in splits.items():
+            create_database(temporaries[split])
+            tasks = [(name, image_folder, mask_folder, tile) for name in files]
+            chunksize = max(1, min(16, len(tasks) // (4 * workers)))
+            chunks[split] = [tasks[start:start + chunksize] for start in range(0, len(tasks), chunksize)]
+        # one stream over both splits, so the workers go on with the test images while the train
+        # database is being finished
+        stream = _chunk_results(pool, [(temporaries[split], chunk) for split in splits for chunk in chunks[split]],
+                                cancel)
         written = {}
         for split, files in splits.items():
-            tasks = [(name, image_folder, mask_folder, tile) for name in files]
-            chunksize = max(1, min(8, len(tasks) // (4 * workers)))
-            results = _named_results(pool, tasks, chunksize, cancel)
-            label = os.path.basename(targets[split])
-            written[split] = write_database(temporaries[split], results, len(files), label, log)
+            results = ((task[0], summary) for chunk, summaries in zip(chunks[split], stream)
+                       for task, summary in zip(chunk, summaries))
+            written[split] = collect_results(results, len(files), os.path.basename(targets[split]), log)
+            finish_database(temporaries[split])
             with open(os.path.join(temporaries[split], FILENAMES_CSV), "w") as csv_file:
                 csv_file.writelines(f"{name}\n" for name in files)
         return written

@@ -149,6 +149,23 @@ def test_fixture_tiles_hold_the_source_pixels():
                                           image[y0:y0 + 128, x0:x0 + 128])
 
 
+def test_workers_writing_together_store_what_one_process_stores(tmp_path):
+    # 300 pairs of 256x256 uint16: each database outgrows the initial map, so the writers grow it
+    # and adopt each other's size while they take turns
+    images, masks = link_pairs(tmp_path / "pairs", sorted(os.listdir(os.path.join(DATA, "masks"))), copies=3)
+    databases = {}
+    for workers in (1, 2):
+        output = tmp_path / f"out{workers}"
+        stats = build_lmdb.build(images, masks, str(output), seed=4, workers=workers, log=lambda line: None)
+        assert stats["records"] == {"train": 240, "test": 60}
+        databases[workers] = {split: read_db(str(output / f"{split}-HES.lmdb")) for split in ("train", "test")}
+        env = lmdb.open(str(output / "train-HES.lmdb"), readonly=True, lock=False)
+        assert build_lmdb.INITIAL_MAP_SIZE < env.info()["map_size"] < 4 * stats["pixel_bytes"]
+        env.close()
+    assert databases[2] == databases[1]
+    assert len(databases[2]["train"]) == 240
+
+
 # ---------------------------------------------------------------- the example data with no flags
 
 
@@ -355,7 +372,7 @@ def start_slow_build(folder, output):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     temporary = output / f"train-HES.lmdb.tmp-{process.pid}"
     deadline = time.monotonic() + 60
-    # allocated blocks, not the length: the writer maps the file, so its length runs ahead of the data
+    # allocated blocks, not the length, so that a file extended ahead of its data never counts
     while not ((temporary / "data.mdb").exists() and (temporary / "data.mdb").stat().st_blocks * 512 > 1 << 20):
         if process.poll() is not None or time.monotonic() > deadline:
             stop_group(process)
