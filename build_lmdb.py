@@ -38,6 +38,7 @@ from records import FILENAMES_CSV, SIZE_FACTOR, make_record
 # FCDenseNet56's receptive-field radius: the reference strides tiles by tile_size - RADIUS
 RADIUS = 384
 INITIAL_MAP_SIZE = 8 << 20
+MAX_OPEN_ATTEMPTS = 100
 PROGRESS_SECONDS = 1.0
 
 
@@ -233,12 +234,21 @@ class RecordStore:
     def __init__(self):
         self.environments = {}
 
+    def _environment(self, path):
+        environment = self.environments.get(path)
+        for _ in range(MAX_OPEN_ATTEMPTS):
+            if environment is not None:
+                return environment
+            try:
+                environment = lmdb.open(path, map_size=INITIAL_MAP_SIZE, sync=False, metasync=False)
+            except lmdb.MapResizedError:  # another writer grew the map while this one was opening it
+                continue
+            self.environments[path] = environment
+        raise lmdb.Error(f"{path}: the map kept growing while this process opened it")
+
     def put(self, path, records):
         """Write (key, value) records in one transaction."""
-        environment = self.environments.get(path)
-        if environment is None:
-            environment = lmdb.open(path, map_size=INITIAL_MAP_SIZE, sync=False, metasync=False)
-            self.environments[path] = environment
+        environment = self._environment(path)
         while True:
             try:
                 with environment.begin(write=True) as transaction:
