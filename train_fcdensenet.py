@@ -510,8 +510,7 @@ class Trainer:
         self.replicas = strategy.num_replicas_in_sync
         self.global_batch = args.batch_size * self.replicas
         self.train_reader = train_reader
-        height, width, channels = train_reader.get_image_size()
-        self.image_size = (height, width, channels)
+        channels = train_reader.get_image_size()[2]
         self.warmup_steps = min(MAX_WARMUP_STEPS, args.test_every_n_steps)
 
         if is_chief:  # a plain float32 copy for the checkpoint and the SavedModel, outside the strategy

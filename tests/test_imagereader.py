@@ -262,6 +262,9 @@ SCRIPT = textwrap.dedent("""
     import imagereader
 
     if __name__ == "__main__":
+        # Ctrl-C as in a terminal, even when the test runner was started with SIGINT ignored
+        # (a background job of a script), which its children would inherit
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         mode = sys.argv[1]
         reader = imagereader.ImageReader({db!r}, num_workers=2, seed=0, queue_size_per_worker=2)
         reader.startup()
