@@ -235,15 +235,17 @@ class RecordStore:
         self.environments = {}
 
     def _environment(self, path):
-        environment = self.environments.get(path)
+        if path not in self.environments:
+            self.environments[path] = self._open(path)
+        return self.environments[path]
+
+    @staticmethod
+    def _open(path):
         for _ in range(MAX_OPEN_ATTEMPTS):
-            if environment is not None:
-                return environment
             try:
-                environment = lmdb.open(path, map_size=INITIAL_MAP_SIZE, sync=False, metasync=False)
+                return lmdb.open(path, map_size=INITIAL_MAP_SIZE, sync=False, metasync=False)
             except lmdb.MapResizedError:  # another writer grew the map while this one was opening it
                 continue
-            self.environments[path] = environment
         raise lmdb.Error(f"{path}: the map kept growing while this process opened it")
 
     def put(self, path, records):

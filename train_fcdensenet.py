@@ -42,6 +42,7 @@ import numpy as np
 
 from augment import AugmentationConfig
 from imagereader import ImageReader, ReaderError
+from records import SIZE_FACTOR
 from segmentation_metrics import segmentation_metrics
 
 if __name__ != "__mp_main__":
@@ -135,8 +136,9 @@ def check_args(args):
         raise ValueError(f"--max_epochs must be >= 1, got {args.max_epochs}")
     if not 0 <= args.dropout_rate < 1:
         raise ValueError(f"--dropout_rate must be in [0, 1), got {args.dropout_rate}")
-    if args.crop_size < 0 or args.crop_size % 32:
-        raise ValueError(f"--crop_size must be 0 or a positive multiple of 32, got {args.crop_size}")
+    if args.crop_size < 0 or args.crop_size % SIZE_FACTOR:
+        raise ValueError(f"--crop_size must be 0 or a positive multiple of {SIZE_FACTOR}, "
+                         f"got {args.crop_size}")
     for name in ("layers_per_block", "growth_rate"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
