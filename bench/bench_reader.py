@@ -65,14 +65,20 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def example_settings(first_value):
+    """The settings a reader worker passes to imagereader._prepare_example: whole records, default augmentation."""
+    shape = records.decode_record(first_value).image.shape
+    return {"record_shape": shape, "image_shape": shape, "crop_size": 0, "number_classes": 2,
+            "mask_dtype": np.dtype(np.uint8), "augmentation": augment.AugmentationConfig()}
+
+
 def in_process_rate(path, count, prepare):
     """(examples/s, CPU s per example) of one process doing the worker's work or only augment()."""
     env = lmdb.open(path, readonly=True, lock=False)
     with env.begin() as txn:
         pairs = [(bytes(key), bytes(value)) for key, value in txn.cursor()]
     env.close()
-    settings = {"image_shape": records.decode_record(pairs[0][1]).image.shape, "number_classes": 2,
-                "mask_dtype": np.dtype(np.uint8), "augmentation": augment.AugmentationConfig()}
+    settings = example_settings(pairs[0][1])
     decoded = [records.decode_record(value) for _, value in pairs]
     rng = np.random.default_rng(0)
     for key, value in pairs[:2]:  # warm-up: lazy imports and first-call costs stay out of the timing
@@ -93,8 +99,7 @@ def pickling_producer(path, stop, channel):
     env = lmdb.open(path, readonly=True, lock=False)
     with env.begin() as txn:
         pairs = [(bytes(key), bytes(value)) for key, value in txn.cursor()]
-    settings = {"image_shape": records.decode_record(pairs[0][1]).image.shape, "number_classes": 2,
-                "mask_dtype": np.dtype(np.uint8), "augmentation": augment.AugmentationConfig()}
+    settings = example_settings(pairs[0][1])
     rng = np.random.default_rng(0)
     index = 0
     while not stop.is_set():
