@@ -28,6 +28,7 @@ run. A second Ctrl-C aborts at once (the last epoch's resume point stays valid).
 import argparse
 import contextlib
 import csv
+import gc
 import io
 import json
 import math
@@ -668,6 +669,26 @@ class Trainer:
         self.sync_statistics()
         save_resume_point(self.args.output_dir, self.checkpoint, self.state, self.is_chief)
 
+    def release_input(self):
+        """Run the input iterators dry, then free them and the steps that traced them.
+
+        Called once the readers have shut down, so the datasets end at once. Left to the
+        interpreter's exit, tearing the iterators down took 7-16 s a run here, and two minutes after
+        the 10-minute quick start, all of it after the last line of output (a Ctrl-C or a SLURM
+        preemption waited as long); drained first, it takes under a second.
+        """
+        for iterator in (self.train_iterator, self.test_iterator):
+            try:
+                for _ in iterator:
+                    pass
+            except tf.errors.OpError:  # a failed reader: its error has been reported already
+                pass
+        # the traced steps before the iterators they captured; both sit in reference cycles
+        self.train_step = self.test_step = None
+        gc.collect()
+        self.train_iterator = self.test_iterator = None
+        gc.collect()
+
     def print(self, text):
         if self.is_chief:
             print(text, flush=True)
@@ -775,10 +796,12 @@ def train(args, stop):
         write_atomic(os.path.join(args.output_dir, SETTINGS_FILE), json.dumps(settings, indent=1) + "\n")
 
     local_replicas = max(1, strategy.num_replicas_in_sync // workers)
-    with contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as cleanup, contextlib.ExitStack() as stack:
         train_reader, test_reader = open_readers(args, stack, local_replicas, worker_index, augmentation,
                                                  global_step)
         trainer = Trainer(args, strategy, is_chief, local_replicas, train_reader, test_reader, settings, stop)
+        # the readers (on `stack`) shut down first, then their datasets can end at once
+        cleanup.callback(trainer.release_input)
         if is_chief:
             print_setup(args, trainer, workers, augmentation)
         if state is None:
