@@ -4,6 +4,7 @@ The models are tiny untrained FC-DenseNets (one layer per block, growth 2, 8 fir
 once per module with fcdensenet.export_saved_model, which measures their radius (96 pixels).
 """
 
+import argparse
 import os
 import subprocess
 import sys
@@ -67,27 +68,29 @@ def last_line(text):
 # tiling geometry (no model)
 
 @pytest.mark.parametrize("radius", [0, 40, 96, 128])
-@pytest.mark.parametrize("tile_size", [384, 512, 1024])
-def test_axis_windows_keep_every_pixel_once_with_full_context(radius, tile_size):
+def test_axis_tilings_keep_every_pixel_once_with_full_context(radius):
     margin = inference.round_up(radius, 32)
     for length in [1, 31, 32, 33, 70, 100, 333, 383, 384, 385, 517, 1000, 1100, 1500, 4097]:
-        tile, windows = inference.axis_windows(length, tile_size, radius)
         padded = inference.round_up(length, 32)
-        assert tile % 32 == 0 and tile <= max(tile_size, padded)
-        assert windows[0].keep_start == 0 and windows[-1].keep_stop == length
-        for before, after in zip(windows, windows[1:]):
-            assert before.keep_stop == after.keep_start  # no gap, no overlap
-        for window in windows:
-            assert window.keep_start < window.keep_stop
-            assert window.origin % 32 == 0 and 0 <= window.origin and window.origin + tile <= padded
-            if window.keep_start > 0:
-                assert window.keep_start - window.origin >= margin
-            if window.keep_stop < length:
-                assert window.origin + tile - window.keep_stop >= margin
-        if padded > tile_size:
-            # fewest tiles: one tile fewer of the largest size could not cover the axis
-            zone = tile_size - 2 * margin
-            assert (len(windows) - 1) * zone + 2 * margin < padded
+        tilings = inference.axis_tilings(length, radius)
+        assert tilings[0] == (1, padded)
+        assert [tile for _, tile in tilings] == sorted({tile for _, tile in tilings}, reverse=True)
+        for count, tile in tilings:
+            windows = inference.axis_windows(length, tile, radius)
+            assert len(windows) == count and tile % 32 == 0
+            assert windows[0].keep_start == 0 and windows[-1].keep_stop == length
+            for before, after in zip(windows, windows[1:]):
+                assert before.keep_stop == after.keep_start  # no gap, no overlap
+            for window in windows:
+                assert window.keep_start < window.keep_stop
+                assert window.origin % 32 == 0 and 0 <= window.origin and window.origin + tile <= padded
+                if window.keep_start > 0:
+                    assert window.keep_start - window.origin >= margin
+                if window.keep_stop < length:
+                    assert window.origin + tile - window.keep_stop >= margin
+            if count > 1:
+                # the shortest tile for that count: 32 pixels less and `count` tiles no longer cover
+                assert count * (tile - 32 - 2 * margin) + 2 * margin < padded
 
 
 @pytest.mark.parametrize("shape", [(100, 70), (333, 517), (1500, 1100), (31, 2049)])
@@ -100,7 +103,36 @@ def test_tile_grid_writes_every_pixel_exactly_once(shape):
             assert y.origin + grid.tile_shape[0] <= grid.padded_shape[0]
             assert x.origin + grid.tile_shape[1] <= grid.padded_shape[1]
     assert np.all(written == 1)
+    assert grid.tile_shape[0] * grid.tile_shape[1] <= 384 * 384
     assert 0 < grid.kept_share() <= 1
+
+
+def square_tiles_computed_pixels(height, width, tile_size, radius):
+    """Pixels computed by the fewest square-bounded tiles per axis (each side at most tile_size)."""
+    computed = 1
+    for length in (height, width):
+        count, tile = next((count, tile) for count, tile in inference.axis_tilings(length, radius)
+                           if tile <= tile_size)
+        computed *= count * tile
+    return computed
+
+
+@pytest.mark.parametrize("shape", [(4096, 4096), (2500, 2500), (3000, 1000), (16384, 16384), (700, 9000)])
+def test_tile_grid_computes_no_more_than_square_tiles_within_the_same_area(shape):
+    grid = inference.tile_grid(*shape, 2048, 96)
+    computed = grid.tile_count * grid.tile_shape[0] * grid.tile_shape[1]
+    assert grid.tile_shape[0] * grid.tile_shape[1] <= 2048 * 2048
+    assert computed <= square_tiles_computed_pixels(*shape, 2048, 96)
+    assert grid.kept_share() == pytest.approx(shape[0] * shape[1] / computed)
+
+
+def test_tile_grid_uses_rectangles_where_they_compute_less():
+    # 4096 rows: 2 tiles of (4096 + 2 * 96) / 2 = 2144; 3 tiles of (4096 + 4 * 96) / 3 -> 1504
+    grid = inference.tile_grid(4096, 4096, 2048, 96)
+    assert sorted(grid.tile_shape) == [1504, 2144] and grid.tile_count == 6
+    assert square_tiles_computed_pixels(4096, 4096, 2048, 96) == 9 * 1504 * 1504
+    # a 3000x1000 image fits one tile of 3008x1024 pixels (fewer than 2048 x 2048): one pass
+    assert inference.tile_grid(3000, 1000, 2048, 96).tile_count == 1
 
 
 def test_tile_size_rules():
@@ -147,7 +179,9 @@ def test_tiled_equals_one_pass_for_two_tile_sizes(gray_model, mosaic):
     assert whole.shape == mosaic.shape and whole.dtype == np.uint8
     assert 0.05 < whole.mean() < 0.95  # the untrained model still draws both classes
     for tile_size in (288, 512):  # 288: the zone is exactly the radius, the reference's minimum
-        assert inference.tile_grid(*mosaic.shape, tile_size, 96).tile_count > 4
+        grid = inference.tile_grid(*mosaic.shape, tile_size, 96)
+        assert grid.tile_count > 4
+        assert (tile_size == 288) == (grid.tile_shape[0] == grid.tile_shape[1])  # 512: rectangles
         tiled = inference.segment_array(mosaic, predict, metadata, tile_size, batch_size=3)
         assert np.mean(tiled == whole) >= 0.999
     # the same tiles without context disagree: the comparison above would catch a wrong margin
@@ -237,6 +271,22 @@ def test_script_segments_a_folder_and_reports_bad_images(gray_model, mosaic, tmp
         assert np.array_equal(page.asarray(), tifffile.imread(str(output / "whole.tif")))
     with tifffile.TiffFile(str(output / "odd_i32.tif")) as tiff:
         assert tiff.pages.first.compression == 8 and not tiff.is_bigtiff
+
+
+def test_streamed_tiff_with_rectangular_tiles_equals_the_in_memory_mask(gray_model, mosaic, tmp_path):
+    _, predict, metadata = gray_model
+    image = mosaic[:700, :1100]
+    grid = inference.tile_grid(*image.shape, 512, 96)
+    assert grid.tile_shape[0] != grid.tile_shape[1] and len(grid.rows) > 1
+    path = str(tmp_path / "slide.tif")
+    tifffile.imwrite(path, image, tile=(128, 128), compression="zlib")
+    settings = argparse.Namespace(tile_size=512, batch_size=4, streaming_megapixels=0.1)
+    source = inference.open_source(path, settings.streaming_megapixels)
+    assert isinstance(source, inference.TiffSource)  # read band by band, not whole
+    source.close()
+    inference.segment_file(path, str(tmp_path), predict, metadata, settings)  # replaces slide.tif
+    streamed = tifffile.imread(path)
+    assert np.array_equal(streamed, inference.segment_array(image, predict, metadata, 512, batch_size=4))
 
 
 def test_png_images_give_png_masks(gray_model, mosaic, tmp_path):
