@@ -39,11 +39,11 @@ import numpy as np
 import image_files
 import segmentation_metrics
 
+# A forward pass holds at most tile_size x tile_size pixels (one tile, or a batch of smaller ones
+# when --batch_size is 0). The default, 2048 x 2048, is about 11.5 GB of activations for FCDenseNet56
+# or FCDenseNet103 (2.7 and 2.8 GB per megapixel: peak memory of a forward pass on this CPU), so a
+# 16 GB GPU holds it.
 DEFAULT_TILE_SIZE = 2048
-# Pixels per forward pass when --batch_size is 0: 2048 x 2048, about 11.5 GB of activations for
-# FCDenseNet56 or FCDenseNet103 (2.7 and 2.8 GB per megapixel: peak memory of a forward pass on this
-# CPU), so a 16 GB GPU holds it.
-BATCH_PIXELS = 2048 * 2048
 OUTPUT_TIFF_TILE = 1024
 # Above this size (bytes of mask) a TIFF needs 64-bit offsets; compressed masks stay far below it.
 BIGTIFF_BYTES = 2**31
@@ -69,8 +69,8 @@ def parse_args(argv=None):
                              "least 3x the model's radius (rounded up to 32); 0 = 2048, or 4x the radius "
                              "when that is larger")
     parser.add_argument("--batch_size", type=int, default=0,
-                        help="tiles per forward pass; 0 = as many as make 2048x2048 pixels, which fits "
-                             "a 16 GB GPU")
+                        help="tiles per forward pass; 0 = as many as fit in tile_size x tile_size pixels "
+                             "(2048x2048 by default, which fits a 16 GB GPU)")
     parser.add_argument("--streaming_megapixels", type=float, default=64.0,
                         help="TIFF images with at least this many megapixels (height x width x channels) "
                              "are read and written tile by tile instead of whole")
@@ -203,9 +203,9 @@ def check_tile_size(tile_size, radius, size_factor=32):
     return tile_size
 
 
-def tiles_per_batch(batch_size, tile_shape):
-    """--batch_size, or for 0 as many tiles as fill BATCH_PIXELS."""
-    return batch_size or max(1, BATCH_PIXELS // (tile_shape[0] * tile_shape[1]))
+def tiles_per_batch(batch_size, tile_shape, tile_size):
+    """--batch_size, or for 0 as many tiles as fit in the tile_size^2 pixels a forward pass may hold."""
+    return batch_size or max(1, tile_size * tile_size // (tile_shape[0] * tile_shape[1]))
 
 
 def reflect_index(length, padded_length):
@@ -504,7 +504,7 @@ def segment_file(path, output_folder, predict, metadata, args):
         grid = tile_grid(height, width, args.tile_size, metadata["radius"], metadata["size_factor"])
         mean, std = source.statistics()
         dtype = mask_dtype(metadata["number_classes"])
-        batch_size = tiles_per_batch(args.batch_size, grid.tile_shape)
+        batch_size = tiles_per_batch(args.batch_size, grid.tile_shape, args.tile_size)
         bands = segment_bands(source, grid, predict, mean, std, batch_size, dtype)
         target = output_path(output_folder, os.path.basename(path))
         if isinstance(source, TiffSource):

@@ -147,7 +147,7 @@ def reference_kept_share(shape, radius):
 def this_implementation(image, metadata, predict):
     tile_size = inference.check_tile_size(0, metadata["radius"], metadata["size_factor"])
     grid = inference.tile_grid(*image.shape, tile_size, metadata["radius"], metadata["size_factor"])
-    batch_size = inference.tiles_per_batch(0, grid.tile_shape)
+    batch_size = inference.tiles_per_batch(0, grid.tile_shape, tile_size)
     mask = inference.segment_array(image, predict, metadata, tile_size, batch_size)
     return mask, grid, batch_size
 

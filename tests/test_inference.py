@@ -145,6 +145,15 @@ def test_tile_size_rules():
         inference.check_tile_size(300, 96)
 
 
+def test_a_forward_pass_holds_at_most_tile_size_squared_pixels():
+    assert inference.tiles_per_batch(0, (512, 512), 2048) == 16
+    assert inference.tiles_per_batch(0, (1504, 2144), 2048) == 1
+    # a smaller --tile_size lowers the memory of a pass: smaller tiles do not come back in bigger batches
+    assert inference.tiles_per_batch(0, (1024, 1024), 1024) == 1
+    assert inference.tiles_per_batch(0, (480, 672), 1024) == 3
+    assert inference.tiles_per_batch(5, (1024, 1024), 1024) == 5  # an explicit --batch_size wins
+
+
 def test_mask_dtype_and_output_names():
     assert inference.mask_dtype(2) == np.uint8 and inference.mask_dtype(256) == np.uint8
     assert inference.mask_dtype(257) == np.uint16 and inference.mask_dtype(65536) == np.uint16
