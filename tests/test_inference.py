@@ -143,6 +143,9 @@ def test_tile_size_rules():
         inference.check_tile_size(256, 96)
     with pytest.raises(ValueError, match="multiple of 32"):
         inference.check_tile_size(300, 96)
+    # library callers that skip check_tile_size: no tiling of a 4096 image fits 192x192 with margin 96
+    with pytest.raises(ValueError, match="too small for radius 96"):
+        inference.tile_grid(4096, 4096, 192, 96)
 
 
 def test_a_forward_pass_holds_at_most_tile_size_squared_pixels():
