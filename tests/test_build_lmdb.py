@@ -21,7 +21,7 @@ from records import FILENAMES_CSV, decode_record, key_classes
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, "build_lmdb.py")
 DATA = os.path.join(REPO_ROOT, "data")
-FIXTURES = os.path.join(REPO_ROOT, "..", "shared", "fixtures", "nist-built-lmdb")
+FIXTURES = os.path.join(REPO_ROOT, "tests", "fixtures", "nist-built-lmdb")
 FIXTURE_FILES = ["img_000580.tif", "img_002726.tif", "img_004422.tif", "img_004828.tif", "img_007841.tif"]
 
 

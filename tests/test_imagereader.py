@@ -18,7 +18,7 @@ import records
 from imagereader import ImageReader, ReaderError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(REPO_ROOT, "..", "shared", "fixtures", "nist-built-lmdb")
+FIXTURES = os.path.join(REPO_ROOT, "tests", "fixtures", "nist-built-lmdb")
 
 
 def write_db(path, entries):

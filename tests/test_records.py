@@ -6,8 +6,7 @@ import pytest
 
 import records
 
-FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
-                        "fixtures", "nist-built-lmdb")
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "nist-built-lmdb")
 
 
 @pytest.mark.parametrize("image_dtype", [np.uint8, np.uint16, np.int32, np.float32])
