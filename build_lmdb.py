@@ -16,14 +16,13 @@ failed build leaves earlier databases untouched.
 """
 
 import argparse
+import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
 import queue
 import random
-import re
 import secrets
-import shutil
 import signal
 import sys
 import threading
@@ -32,7 +31,8 @@ import time
 import lmdb
 import numpy as np
 
-from image_files import ImageFileError, as_supported_image, list_images, normalize_extension, read_image
+import atomic_files
+from image_files import ImageFileError, as_mask, as_supported_image, list_images, normalize_extension, read_image
 from records import FILENAMES_CSV, SIZE_FACTOR, make_record
 
 # FCDenseNet56's receptive-field radius: the reference strides tiles by tile_size - RADIUS
@@ -160,25 +160,6 @@ def tile_origins(height, width, tile_size):
             origins.append((min(y0, height - tile_size), min(x0, width - tile_size)))
     # several origins can slide back onto the same tile; the reference wrote it twice under one key
     return list(dict.fromkeys(origins))
-
-
-def as_mask(mask, path):
-    """A single-channel integer class map, stored in the smallest of uint8/uint16/int32 that holds it."""
-    if mask.ndim == 3 and mask.shape[2] == 1:
-        mask = mask[:, :, 0]
-    if mask.ndim != 2:
-        raise ImageFileError(f"{path}: mask has shape {mask.shape}; masks must be single-channel")
-    if mask.dtype == np.bool_:
-        return mask.astype(np.uint8)
-    if not np.issubdtype(mask.dtype, np.integer):
-        raise ImageFileError(f"{path}: mask pixel type {mask.dtype} is not an integer type (masks hold classes)")
-    low, high = int(mask.min()), int(mask.max())
-    if low < 0:
-        raise ImageFileError(f"{path}: mask holds negative values (min {low}); classes must be >= 0")
-    for dtype in (np.uint8, np.uint16, np.int32):
-        if high <= np.iinfo(dtype).max:
-            return mask.astype(dtype, copy=False)
-    raise ImageFileError(f"{path}: mask holds class {high}, more than int32 can store")
 
 
 def load_pair(image_path, mask_path):
@@ -313,54 +294,17 @@ def finish_database(path):
         os.close(descriptor)
 
 
-def remove_stale(target):
-    """Remove temporary/aside directories of `target` left by builds that were killed."""
-    folder, base = os.path.split(target)
-    pattern = re.compile(re.escape(base) + r"\.(tmp|old)-(\d+)$")
-    for entry in os.listdir(folder or "."):
-        match = pattern.match(entry)
-        if not match or _pid_alive(int(match.group(2))):
-            continue
-        path = os.path.join(folder, entry)
-        if match.group(1) == "old" and not os.path.exists(target):
-            os.rename(path, target)  # killed between the two renames: put the earlier database back
-        else:
-            shutil.rmtree(path, ignore_errors=True)
+def open_output(output_folder, targets, stack):
+    """Temporary directories for the databases, renamed onto `targets` when `stack` closes cleanly.
 
-
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def replace_database(temporary, target):
-    """Move the complete database into place, replacing an earlier one of that name."""
-    if not os.path.exists(target):
-        os.rename(temporary, target)
-        return
-    aside = f"{target}.old-{os.getpid()}"
-    os.rename(target, aside)
-    os.rename(temporary, target)
-    shutil.rmtree(aside)
-
-
-def prepare_output(output_folder, targets):
+    What a killed build left beside them goes first (atomic_files.recover_directory).
+    """
     try:
         os.makedirs(output_folder, exist_ok=True)
-        for target in targets:
-            remove_stale(target)
-        temporaries = []
-        for target in targets:
-            temporary = f"{target}.tmp-{os.getpid()}"
-            shutil.rmtree(temporary, ignore_errors=True)
-            os.mkdir(temporary)
-            temporaries.append(temporary)
-        return temporaries
+        for target in targets.values():
+            atomic_files.recover_directory(target)
+        return {split: stack.enter_context(atomic_files.replacing_directory(target))
+                for split, target in targets.items()}
     except OSError as error:
         raise ValueError(f"{output_folder}: cannot write the databases there ({error.strerror or error})") from None
 
@@ -529,8 +473,8 @@ def write_splits(splits, temporaries, targets, image_folder, mask_folder, tile, 
                        for task, summary in zip(chunk, summaries))
             written[split] = collect_results(results, len(files), os.path.basename(targets[split]), log)
             finish_database(temporaries[split])
-            with open(os.path.join(temporaries[split], FILENAMES_CSV), "w") as csv_file:
-                csv_file.writelines(f"{name}\n" for name in files)
+            atomic_files.write_text(os.path.join(temporaries[split], FILENAMES_CSV),
+                                    "".join(f"{name}\n" for name in files))
         return written
     except lmdb.Error as error:  # a full disk, for instance
         raise ValueError(f"{output_folder_of(temporaries)}: writing the database failed ({error})") from None
@@ -562,20 +506,16 @@ def build(image_folder="data/images", mask_folder="data/masks", output_folder="d
     splits = dict(zip(("train", "test"), split_names(names, train_fraction, seed)))
     targets = {split: os.path.join(output_folder, f"{split}-{dataset_name}.lmdb") for split in splits}
     workers = min(workers or default_workers(), len(names))
-    temporaries = {}
     try:
-        temporaries = dict(zip(splits, prepare_output(output_folder, list(targets.values()))))
-        log(f"building {targets['train']} ({len(splits['train'])} files) and {targets['test']} "
-            f"({len(splits['test'])} files) with {workers} worker process{'es' if workers > 1 else ''}")
-        written = write_splits(splits, temporaries, targets, image_folder, mask_folder,
-                               tile_size if use_tiling else 0, workers, log, cancel)
-        for split in splits:
-            replace_database(temporaries[split], targets[split])
+        # both databases are renamed into place only once both are complete
+        with contextlib.ExitStack() as stack:
+            temporaries = open_output(output_folder, targets, stack)
+            log(f"building {targets['train']} ({len(splits['train'])} files) and {targets['test']} "
+                f"({len(splits['test'])} files) with {workers} worker process{'es' if workers > 1 else ''}")
+            written = write_splits(splits, temporaries, targets, image_folder, mask_folder,
+                                   tile_size if use_tiling else 0, workers, log, cancel)
     except OSError as error:  # reading errors are ImageFileErrors already: this is the output side
         raise ValueError(f"{error.filename or output_folder}: cannot write ({error.strerror or error})") from None
-    finally:
-        for temporary in temporaries.values():
-            shutil.rmtree(temporary, ignore_errors=True)
     padded = sorted(name for _, _, names_padded in written.values() for name in names_padded)
     if padded:
         side = f"{tile_size}x{tile_size} tile" if use_tiling else f"{SIZE_FACTOR} pixels"

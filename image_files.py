@@ -1,4 +1,5 @@
-"""Reading users' image files, and the normalisation that training and inference share."""
+"""Users' image and mask files: reading them, their pixel types, and the normalisation shared by
+training and inference."""
 
 import os
 
@@ -6,6 +7,7 @@ import numpy as np
 
 IMAGE_EXTENSIONS = ("tif", "tiff", "png", "jpg", "jpeg")
 IMAGE_DTYPES = (np.uint8, np.uint16, np.int32, np.float32)
+MASK_DTYPES = (np.uint8, np.uint16, np.int32)
 
 
 class ImageFileError(ValueError):
@@ -21,13 +23,17 @@ def normalize_extension(image_format):
 
 
 def list_images(folder, image_format):
-    """Sorted file names in `folder` ending in `.{image_format}` (case-insensitive)."""
+    """Sorted file names in `folder` ending in `.{image_format}` (case-insensitive).
+
+    Hidden files are left out: the temporaries of an unfinished writer and macOS's `._name` files.
+    """
     extension = "." + normalize_extension(image_format)
     if not os.path.isdir(folder):
         raise ImageFileError(f"{folder}: folder does not exist")
     return sorted(
         name for name in os.listdir(folder)
-        if name.lower().endswith(extension) and os.path.isfile(os.path.join(folder, name))
+        if name.lower().endswith(extension) and not name.startswith(".")
+        and os.path.isfile(os.path.join(folder, name))
     )
 
 
@@ -73,6 +79,34 @@ def as_supported_image(array, path):
     raise ImageFileError(
         f"{path}: pixel type {array.dtype} cannot be converted safely to uint8, uint16, int32 or float32"
     )
+
+
+def mask_dtype(largest_class):
+    """The one rule for a mask's pixel type: the smallest of uint8, uint16 and int32 that holds
+    `largest_class`. Databases, the reader and inference all store masks this way."""
+    for dtype in MASK_DTYPES:
+        if largest_class <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise ValueError(f"class {largest_class} is more than int32 can store")
+
+
+def as_mask(mask, path):
+    """A user's mask as a single-channel integer class map in mask_dtype of its largest class."""
+    if mask.ndim == 3 and mask.shape[2] == 1:
+        mask = mask[:, :, 0]
+    if mask.ndim != 2:
+        raise ImageFileError(f"{path}: mask has shape {mask.shape}; masks must be single-channel")
+    if mask.dtype == np.bool_:
+        return mask.astype(np.uint8)
+    if not np.issubdtype(mask.dtype, np.integer):
+        raise ImageFileError(f"{path}: mask pixel type {mask.dtype} is not an integer type (masks hold classes)")
+    low, high = int(mask.min()), int(mask.max())
+    if low < 0:
+        raise ImageFileError(f"{path}: mask holds negative values (min {low}); classes must be >= 0")
+    try:
+        return mask.astype(mask_dtype(high), copy=False)
+    except ValueError:
+        raise ImageFileError(f"{path}: mask holds class {high}, more than int32 can store") from None
 
 
 def zscore_normalize(image, mean=None, std=None):

@@ -3,6 +3,7 @@
 import glob
 import hashlib
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import tifffile
 
+import atomic_files
 import build_lmdb
 from records import FILENAMES_CSV, decode_record, key_classes
 
@@ -82,7 +84,7 @@ def assert_one_error_line(result, *fragments):
 
 
 def assert_no_database(folder):
-    leftovers = glob.glob(os.path.join(folder, "*.lmdb*"))
+    leftovers = glob.glob(os.path.join(folder, "*.lmdb*")) + glob.glob(os.path.join(folder, ".*.lmdb*"))
     assert leftovers == [], leftovers
 
 
@@ -112,6 +114,7 @@ def test_tile_origins_follow_the_reference_stride_and_stay_inside():
 # ---------------------------------------------------------------- the reference's own databases
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tiled", [False, True], ids=["untiled", "tiled128"])
 def test_records_are_byte_identical_to_the_reference_fixtures(tmp_path, tiled):
     images, masks = link_pairs(tmp_path / "src", FIXTURE_FILES)
@@ -150,6 +153,7 @@ def test_fixture_tiles_hold_the_source_pixels():
                                           image[y0:y0 + 128, x0:x0 + 128])
 
 
+@pytest.mark.slow
 def test_workers_writing_together_store_what_one_process_stores(tmp_path):
     # 1000 pairs of 256x256 uint16: the train database doubles its map five times while the writers
     # take turns; three writers on this 2-core machine interleave at random points, so some of them
@@ -172,6 +176,7 @@ def test_workers_writing_together_store_what_one_process_stores(tmp_path):
 # ---------------------------------------------------------------- the example data with no flags
 
 
+@pytest.mark.slow
 def test_no_flags_builds_the_example_databases(tmp_path):
     os.makedirs(tmp_path / "data")
     os.symlink(os.path.join(DATA, "images"), tmp_path / "data" / "images")
@@ -194,6 +199,7 @@ def test_no_flags_builds_the_example_databases(tmp_path):
     env.close()
 
 
+@pytest.mark.slow
 def test_seed_repeats_the_split_and_a_drawn_seed_is_printed(tmp_path):
     images, masks, _ = make_dataset(tmp_path / "src", count=8)
     first = run_build("--image_folder", images, "--mask_folder", masks, "--output_folder", str(tmp_path / "a"),
@@ -228,6 +234,7 @@ TIFF_OPTIONS = {
 }
 
 
+@pytest.mark.slow
 def test_tiff_variants_and_pixel_types_decode_to_the_cropped_source(tmp_path):
     rng = np.random.default_rng(1)
     images, masks = tmp_path / "images", tmp_path / "masks"
@@ -268,6 +275,7 @@ def test_tiff_variants_and_pixel_types_decode_to_the_cropped_source(tmp_path):
         assert key_classes(key) == np.unique(mask).tolist()
 
 
+@pytest.mark.slow
 def test_png_pairs(tmp_path):
     rng = np.random.default_rng(2)
     images, masks = tmp_path / "images", tmp_path / "masks"
@@ -292,6 +300,7 @@ def test_png_pairs(tmp_path):
         np.testing.assert_array_equal(record.mask, mask[:, 8:40])
 
 
+@pytest.mark.slow
 def test_images_smaller_than_the_tile_are_reflect_padded(tmp_path):
     images, masks, pairs = make_dataset(tmp_path / "src", count=3, shape=(40, 90))
     stats = build_lmdb.build(images, masks, str(tmp_path / "out"), train_fraction=0.5, use_tiling=True,
@@ -323,6 +332,7 @@ def test_images_smaller_than_the_tile_are_reflect_padded(tmp_path):
 # ---------------------------------------------------------------- atomic replacement and interruption
 
 
+@pytest.mark.slow
 def test_rebuild_replaces_the_database_and_leaves_no_temporary(tmp_path):
     images, masks, _ = make_dataset(tmp_path / "src", count=6)
     output = tmp_path / "out"
@@ -373,7 +383,7 @@ def start_slow_build(folder, output):
         [sys.executable, SCRIPT, "--image_folder", images, "--mask_folder", masks, "--output_folder", str(output),
          "--use_tiling", "1", "--tile_size", "32", "--seed", "0", "--workers", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    temporary = output / f"train-HES.lmdb.tmp-{process.pid}"
+    temporary = pathlib.Path(atomic_files.staging_path(output / "train-HES.lmdb", process.pid))
     deadline = time.monotonic() + 60
     # allocated blocks, not the length, so that a file extended ahead of its data never counts
     while not ((temporary / "data.mdb").exists() and (temporary / "data.mdb").stat().st_blocks * 512 > 1 << 20):
@@ -391,6 +401,7 @@ def stop_group(process):
         process.wait()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["int", "term", "kill"])
 def test_interrupted_build_leaves_the_earlier_database_intact(tmp_path, signum):
     small_images, small_masks = link_pairs(tmp_path / "small", FIXTURE_FILES)
@@ -431,6 +442,7 @@ def test_interrupted_build_leaves_the_earlier_database_intact(tmp_path, signum):
 # ---------------------------------------------------------------- bad input
 
 
+@pytest.mark.slow
 def test_missing_image_folder(tmp_path):
     _, masks, _ = make_dataset(tmp_path / "src")
     missing = str(tmp_path / "nowhere")
@@ -439,6 +451,7 @@ def test_missing_image_folder(tmp_path):
     assert not os.path.exists(tmp_path / "out")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("empty", ["images", "masks"])
 def test_empty_folder(tmp_path, empty):
     images, masks, _ = make_dataset(tmp_path / "src")
@@ -449,6 +462,7 @@ def test_empty_folder(tmp_path, empty):
     assert_one_error_line(result, folder, "no .tif files")
 
 
+@pytest.mark.slow
 def test_mask_without_image_is_an_error(tmp_path):
     images, masks, _ = make_dataset(tmp_path / "src")
     os.remove(os.path.join(images, "pair_3.tif"))
@@ -457,6 +471,7 @@ def test_mask_without_image_is_an_error(tmp_path):
     assert_no_database(tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_image_without_mask_is_skipped_with_a_warning(tmp_path):
     images, masks, _ = make_dataset(tmp_path / "src", count=6)
     os.remove(os.path.join(masks, "pair_2.tif"))
@@ -508,6 +523,7 @@ BAD_FILES = [corrupt_size, corrupt_float_mask, corrupt_negative_mask, corrupt_mu
 
 
 # the checks run inside the workers: with two, the error must still come back as one line, pool gone
+@pytest.mark.slow
 @pytest.mark.parametrize("corrupt, workers", [(corrupt, "1") for corrupt in BAD_FILES]
                          + [(corrupt_undecodable, "2"), (corrupt_negative_mask, "2")],
                          ids=lambda value: value if isinstance(value, str) else value.__name__[8:])
@@ -521,6 +537,7 @@ def test_bad_file_names_the_file(tmp_path, corrupt, workers):
     assert_no_database(output)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fraction, problem", [("0", "strictly between"), ("1", "strictly between"),
                                                ("1.5", "strictly between"), ("0.1", "train database empty")])
 def test_bad_train_fraction(tmp_path, fraction, problem):
@@ -531,6 +548,7 @@ def test_bad_train_fraction(tmp_path, fraction, problem):
     assert_no_database(tmp_path / "out")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tile_size", ["100", "0", "-64"])
 def test_bad_tile_size(tmp_path, tile_size):
     images, masks, _ = make_dataset(tmp_path / "src")
@@ -539,6 +557,7 @@ def test_bad_tile_size(tmp_path, tile_size):
     assert_one_error_line(result, f"--tile_size {tile_size}", "positive multiple of 32")
 
 
+@pytest.mark.slow
 def test_output_folder_that_cannot_be_written(tmp_path):
     images, masks, _ = make_dataset(tmp_path / "src")
     blocker = tmp_path / "a_file"
@@ -548,6 +567,7 @@ def test_output_folder_that_cannot_be_written(tmp_path):
     assert_one_error_line(result, output, "cannot write")
 
 
+@pytest.mark.slow
 def test_a_worker_that_dies_is_reported_not_waited_for(tmp_path):
     output = tmp_path / "out"
     process, _ = start_slow_build(tmp_path / "big", output)

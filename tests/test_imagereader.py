@@ -13,9 +13,10 @@ import pytest
 import tensorflow as tf
 
 import image_files
-import imagereader
 import records
 from imagereader import ImageReader, ReaderError
+
+pytestmark = pytest.mark.slow  # real models / worker processes / scripts
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO_ROOT, "tests", "fixtures", "nist-built-lmdb")
@@ -160,11 +161,12 @@ def test_ordered_workers_share_the_keys(small_db):
     assert set(served) == set(range(6)) or len(set(served)) >= 3
 
 
-def test_mask_is_int32_when_classes_do_not_fit_uint8(tmp_path):
+@pytest.mark.parametrize("number_classes, dtype", [(300, np.uint16), (70000, np.int32)])
+def test_mask_type_follows_the_mask_rule_when_classes_do_not_fit_uint8(tmp_path, number_classes, dtype):
     path = write_db(tmp_path / "many.lmdb", [record_entry(0, classes=(0, 1))])
-    with ImageReader(path, number_classes=300, seed=0) as reader:
+    with ImageReader(path, number_classes=number_classes, seed=0) as reader:
         _, mask = reader.get_example(timeout=60)
-    assert mask.dtype == np.int32 and set(np.unique(mask)) <= {0, 1}
+    assert mask.dtype == dtype and set(np.unique(mask)) <= {0, 1}
 
 
 def test_ring_shrinks_to_fit_dev_shm(small_db, capsys):
