@@ -27,16 +27,11 @@ run. A second Ctrl-C aborts at once (the last epoch's resume point stays valid).
 
 import argparse
 import contextlib
-import csv
 import gc
-import io
-import json
 import math
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -54,26 +49,12 @@ if __name__ != "__mp_main__":
     from tensorflow.core.framework import summary_pb2
 
     import fcdensenet
+    from run_folder import CKPT_PREFIX, SAVED_MODEL_DIR, RunFolder, run_settings
 
 CONVERGENCE_TOLERANCE = 1e-4  # the reference's: test losses this close count as equal
 MAX_WARMUP_STEPS = 1000
 WARMUP_LR_DIVISOR = 10.0
-SETTINGS_FILE = "run_settings.json"
-TEST_LOSS_FILE = "test_loss.csv"
-TEST_METRICS_FILE = "test_metrics.csv"
-BEST_CHECKPOINT_DIR = "checkpoint"
-SAVED_MODEL_DIR = "saved_model"
-RESUME_DIR = "resume"
-STATE_FILE = "state.json"
-CKPT_PREFIX = "ckpt"
-# outputs that mark a folder as holding a training run (ours or the reference's)
-RUN_MARKERS = (SETTINGS_FILE, TEST_LOSS_FILE, TEST_METRICS_FILE, BEST_CHECKPOINT_DIR, SAVED_MODEL_DIR,
-               RESUME_DIR)
-# settings that must match for a run to continue in the same output folder
-RUN_DEFINING = ("train_database", "test_database", "batch_size", "number_classes", "learning_rate",
-                "test_every_n_steps", "balance_classes", "use_augmentation", "early_stopping",
-                "model", "layers_per_block", "growth_rate", "dropout_rate", "seed", "mixed_precision",
-                "augmentation", "crop_size")
+
 
 
 def parse_args(argv=None):
@@ -328,113 +309,7 @@ def weighted_test_stream(dataset, examples, pass_length):
 
 
 # ----------------------------------------------------------------------------------------------
-# files
-
-
-def write_atomic(path, text):
-    """Write text to a temporary file beside `path` and rename it into place."""
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, staging = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=directory)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.replace(staging, path)
-    except BaseException:
-        if os.path.exists(staging):
-            os.remove(staging)
-        raise
-
-
-def run_settings(args, augmentation):
-    settings = {name: getattr(args, name) for name in RUN_DEFINING if hasattr(args, name)}
-    settings["train_database"] = os.path.abspath(args.train_database)
-    settings["test_database"] = os.path.abspath(args.test_database)
-    settings["augmentation"] = augmentation.to_dict() if args.use_augmentation else None
-    return settings
-
-
-def read_state(output_dir):
-    """The resume state of an output folder: (state dict, resume directory) or (None, None)."""
-    for name in (RESUME_DIR, RESUME_DIR + ".old"):  # .old: a crash between the two renames
-        path = os.path.join(output_dir, name, STATE_FILE)
-        if os.path.isfile(path):
-            try:
-                with open(path) as handle:
-                    return json.load(handle), os.path.join(output_dir, name)
-            except (OSError, json.JSONDecodeError) as error:
-                raise ValueError(f"{path}: unreadable resume state ({error})") from None
-    return None, None
-
-
-def check_output_dir(output_dir, settings):
-    """Return the resume state to continue from, (None, None) for a fresh run; ValueError if the
-    folder holds another run's files."""
-    if not os.path.isdir(output_dir):
-        if os.path.exists(output_dir):
-            raise ValueError(f"{output_dir}: exists and is not a directory")
-        return None, None
-    results = sorted(name for name in os.listdir(output_dir)
-                     if name in RUN_MARKERS and name != SETTINGS_FILE)
-    settings_path = os.path.join(output_dir, SETTINGS_FILE)
-    if not os.path.isfile(settings_path):
-        if results:
-            raise ValueError(f"{output_dir}: holds another run's files ({', '.join(results)}) but no "
-                             f"{SETTINGS_FILE}; choose a new --output_dir")
-        return None, None
-    try:
-        with open(settings_path) as handle:
-            previous = json.load(handle)
-        previous.setdefault("crop_size", 0)  # runs from before the flag existed
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{settings_path}: unreadable ({error})") from None
-    state, resume_dir = read_state(output_dir)
-    differences = [f"{name} {previous.get(name)!r} -> {settings.get(name)!r}" for name in RUN_DEFINING
-                   if previous.get(name) != settings.get(name)]
-    if differences and (state is not None or results):
-        raise ValueError(f"{output_dir}: holds a run with different settings ({'; '.join(differences)}); "
-                         f"choose a new --output_dir or repeat that run's settings to resume it")
-    # same settings: continue; different settings but the old run left no results: start afresh
-    return (state, resume_dir) if not differences else (None, None)
-
-
-def write_history_files(output_dir, history, number_classes):
-    write_atomic(os.path.join(output_dir, TEST_LOSS_FILE),
-                 "".join(f"{entry['test_loss']}\n" for entry in history))
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["epoch", "global_step", "test_loss", "pixel_accuracy", "mean_iou"]
-                    + [f"iou_class_{c}" for c in range(number_classes)])
-    for entry in history:
-        writer.writerow([entry["epoch"], entry["global_step"], entry["test_loss"], entry["pixel_accuracy"],
-                         entry["mean_iou"]] + entry["iou"])
-    write_atomic(os.path.join(output_dir, TEST_METRICS_FILE), text.getvalue())
-
-
-def save_resume_point(output_dir, checkpoint, state, is_chief):
-    """Write model + optimizer + state to output_dir/resume atomically. Every worker takes part (the
-    save may all-reduce); workers other than the chief write to a scratch folder they then delete."""
-    if not is_chief:
-        scratch = tempfile.mkdtemp(prefix="train-fcdensenet-worker-")
-        try:
-            checkpoint.write(os.path.join(scratch, CKPT_PREFIX))
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        return
-    staging = tempfile.mkdtemp(prefix=f".{RESUME_DIR}.tmp-", dir=output_dir)
-    checkpoint.write(os.path.join(staging, CKPT_PREFIX))
-    with open(os.path.join(staging, STATE_FILE), "w") as handle:
-        json.dump(state, handle, indent=1)
-    fcdensenet.replace_directory(staging, os.path.join(output_dir, RESUME_DIR))
-
-
-def save_best_model(output_dir, export_model, weights, metadata):
-    """Best weights as output_dir/checkpoint/ckpt and a SavedModel, each swapped in atomically."""
-    export_model.set_weights(weights)
-    staging = tempfile.mkdtemp(prefix=f".{BEST_CHECKPOINT_DIR}.tmp-", dir=output_dir)
-    tf.train.Checkpoint(model=export_model).write(os.path.join(staging, CKPT_PREFIX))
-    fcdensenet.replace_directory(staging, os.path.join(output_dir, BEST_CHECKPOINT_DIR))
-    fcdensenet.export_saved_model(export_model, os.path.join(output_dir, SAVED_MODEL_DIR),
-                                  extra_metadata={"training": metadata})
+# TensorBoard
 
 
 def write_scalars(writer, step, values):
@@ -503,11 +378,12 @@ def reader_error_message(error):
 class Trainer:
     """The training loop's state: one instance per run, driven by run()."""
 
-    def __init__(self, args, strategy, is_chief, local_replicas, train_reader, test_reader, settings, stop):
+    def __init__(self, args, strategy, folder, local_replicas, train_reader, test_reader, settings, stop):
         self.args = args
+        self.folder = folder
+        is_chief = self.is_chief = folder.is_chief
         self.workers = strategy.num_replicas_in_sync // local_replicas
         self.strategy = strategy
-        self.is_chief = is_chief
         self.stop = stop
         self.settings = settings
         self.replicas = strategy.num_replicas_in_sync
@@ -555,7 +431,7 @@ class Trainer:
     def open_writers(self):
         if not self.is_chief:
             return {"train": tf.summary.create_noop_writer(), "test": tf.summary.create_noop_writer()}
-        root = os.path.join(self.args.output_dir, self.state["tensorboard_dir"])
+        root = self.folder.file(self.state["tensorboard_dir"])
         return {name: tf.summary.create_file_writer(os.path.join(root, name)) for name in ("train", "test")}
 
     def epoch_plan(self, epoch):
@@ -640,8 +516,7 @@ class Trainer:
         scalars = {"loss": test_loss, "pixel_accuracy": accuracy, "mean_iou": mean_iou}
         scalars.update({f"iou/class_{index}": value for index, value in enumerate(iou)})
         write_scalars(self.writers["test"], state["global_step"], scalars)
-        if self.is_chief:
-            write_history_files(self.args.output_dir, state["history"], self.args.number_classes)
+        self.folder.write_history(state["history"], self.args.number_classes)
         if best_epoch == state["epoch"]:
             self.save_best(entry)
 
@@ -661,13 +536,12 @@ class Trainer:
         metadata = dict(self.settings, epoch=entry["epoch"], global_step=entry["global_step"],
                         test_loss=entry["test_loss"], pixel_accuracy=entry["pixel_accuracy"],
                         mean_iou=entry["mean_iou"])
-        save_best_model(self.args.output_dir, self.export_model, weights, metadata)
-        self.print(f"saved the best model (epoch {entry['epoch']}) to "
-                   f"{os.path.join(self.args.output_dir, SAVED_MODEL_DIR)}")
+        self.folder.save_best(self.export_model, weights, metadata)
+        self.print(f"saved the best model (epoch {entry['epoch']}) to {self.folder.file(SAVED_MODEL_DIR)}")
 
     def save_resume(self):
         self.sync_statistics()
-        save_resume_point(self.args.output_dir, self.checkpoint, self.state, self.is_chief)
+        self.folder.save_resume(self.checkpoint, self.state)
 
     def release_input(self):
         """Run the input iterators dry, then free them and the steps that traced them.
@@ -779,7 +653,8 @@ def train(args, stop):
     strategy = make_strategy()
     is_chief, worker_index, workers = worker_info(strategy)
     settings = run_settings(args, augmentation)
-    state, resume_dir = check_output_dir(args.output_dir, settings)
+    folder = RunFolder(args.output_dir, is_chief)
+    state, resume_dir = folder.check(settings)
     if state is not None and state.get("finished"):
         extended = (args.max_epochs is not None and state["finished"].startswith("max_epochs")
                     and len(state["history"]) < args.max_epochs)
@@ -791,15 +666,13 @@ def train(args, stop):
     global_step = 0 if state is None else state["global_step"]
     if args.seed is not None:  # initial weights (multi-worker: the chief's are broadcast) and dropout
         keras.utils.set_random_seed(derived_seed(args.seed, global_step))
-    if is_chief:
-        os.makedirs(args.output_dir, exist_ok=True)
-        write_atomic(os.path.join(args.output_dir, SETTINGS_FILE), json.dumps(settings, indent=1) + "\n")
+    folder.write_settings(settings)
 
     local_replicas = max(1, strategy.num_replicas_in_sync // workers)
     with contextlib.ExitStack() as cleanup, contextlib.ExitStack() as stack:
         train_reader, test_reader = open_readers(args, stack, local_replicas, worker_index, augmentation,
                                                  global_step)
-        trainer = Trainer(args, strategy, is_chief, local_replicas, train_reader, test_reader, settings, stop)
+        trainer = Trainer(args, strategy, folder, local_replicas, train_reader, test_reader, settings, stop)
         # the readers (on `stack`) shut down first, then their datasets can end at once
         cleanup.callback(trainer.release_input)
         if is_chief:
@@ -810,8 +683,8 @@ def train(args, stop):
             trainer.restore(state, resume_dir)
             trainer.print(f"resuming at epoch {state['epoch']} step {state['step_in_epoch']} "
                           f"(global step {state['global_step']}, {len(state['history'])} epochs tested)")
-            if is_chief:  # drop any epoch written after the resume point
-                write_history_files(args.output_dir, state["history"], args.number_classes)
+            # drop any epoch written after the resume point
+            folder.write_history(state["history"], args.number_classes)
         try:
             state = trainer.run()
         except Interrupted:
@@ -826,7 +699,7 @@ def train(args, stop):
     best = state["history"][state["best_epoch"]]
     print(f"finished: {state['finished']}; best epoch {state['best_epoch']} test loss "
           f"{best['test_loss']:.6f} mean IoU {best['mean_iou']:.4f}; model in "
-          f"{os.path.join(args.output_dir, SAVED_MODEL_DIR)}")
+          f"{folder.file(SAVED_MODEL_DIR)}")
     return 0
 
 

@@ -30,6 +30,7 @@ if __name__ != "__mp_main__":  # reader workers (spawn) re-import this script: k
     import tensorflow as tf  # noqa: E402
 
     import train_fcdensenet as T  # noqa: E402
+    from run_folder import RunFolder  # noqa: E402
 
 STARVATION = "Input Queue Starvation !!!!"
 
@@ -98,7 +99,8 @@ def main():
         stop = T.StopRequest()
         augmentation = T.load_augmentation(args)
         train_reader, test_reader = T.open_readers(args, stack, replicas, 0, augmentation)
-        trainer = T.Trainer(args, strategy, True, replicas, train_reader, test_reader, {}, stop)
+        trainer = T.Trainer(args, strategy, RunFolder(args.output_dir), replicas, train_reader, test_reader, {},
+                            stop)
         global_batch = trainer.global_batch
         print(f"{options.model} {options.image_size}x{options.image_size}, batch {global_batch} on "
               f"{replicas} replica(s), {args.reader_count * replicas} reader worker(s) with augmentation; "

@@ -1,11 +1,11 @@
-import json
-import os
+"""fcdensenet.py: the paper's variants, custom builds, the forward pass, bad arguments."""
 
 import keras
 import numpy as np
 import pytest
 
 import fcdensenet
+import receptive_field
 from records import SIZE_FACTOR
 
 # (3 channels, 11 classes) as in the paper's CamVid setting
@@ -38,13 +38,7 @@ def batch():
     return np.random.default_rng(7).standard_normal((2, 64, 96, 2)).astype(np.float32)
 
 
-@pytest.fixture(scope="module")
-def exported(tiny_model, tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("export") / "saved_model")
-    metadata = fcdensenet.export_saved_model(tiny_model, path, extra_metadata={"epoch": 3, "note": "tiny"})
-    return path, metadata
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_paper_variant_size_and_depth(paper_models, name):
     model = paper_models[name]
@@ -56,22 +50,16 @@ def test_paper_variant_size_and_depth(paper_models, name):
     assert model.output_shape == (None, None, None, 11)
 
 
-@pytest.mark.parametrize("name", sorted(PAPER))
-def test_theoretical_radius_of_paper_variants(paper_models, name):
-    assert fcdensenet.theoretical_radius(name) == PAPER[name]["radius"]
-    # the graph walk over the built model must agree with the block arithmetic
-    assert fcdensenet.theoretical_radius(paper_models[name]) == PAPER[name]["radius"]
-
-
+@pytest.mark.slow
 def test_custom_variants_are_named_and_get_a_radius(tiny_model):
     assert tiny_model.name == "FCDenseNet-custom"
     # 1 + (1+2+4+8+16 + 32 + 16+8+4+2+1) = 95 -> 96
-    assert fcdensenet.theoretical_radius(tiny_model) == 96
+    assert receptive_field.theoretical_radius(tiny_model) == 96
     wider = fcdensenet.build_model(None, layers_per_block=[2, 1, 1, 1, 1, 1], growth_rate=4)
     # one 3x3 convolution more at full resolution in the first and in the last block: 97 -> 128
-    assert fcdensenet.theoretical_radius(wider) == 128
+    assert receptive_field.theoretical_radius(wider) == 128
     # one more in the bottleneck, at 1/32 resolution: 95 + 32 -> 128
-    assert fcdensenet.theoretical_radius(fcdensenet.build_model(
+    assert receptive_field.theoretical_radius(fcdensenet.build_model(
         None, layers_per_block=[1, 1, 1, 1, 1, 2], growth_rate=4)) == 128
     same_as_56 = fcdensenet.build_model(None, layers_per_block=[4] * 6, growth_rate=12)
     assert same_as_56.name == "FCDenseNet56"
@@ -108,6 +96,7 @@ def test_check_input_size():
     assert fcdensenet.SIZE_FACTOR == SIZE_FACTOR == 32
 
 
+@pytest.mark.slow
 def test_forward_is_a_per_pixel_softmax_and_dropout_only_trains(tiny_model, batch):
     out = tiny_model(batch, training=False).numpy()
     assert out.shape == (2, 64, 96, 3) and out.dtype == np.float32
@@ -116,6 +105,7 @@ def test_forward_is_a_per_pixel_softmax_and_dropout_only_trains(tiny_model, batc
     assert not np.allclose(out, tiny_model(batch, training=True).numpy())
 
 
+@pytest.mark.slow
 def test_weight_decay_on_first_conv_and_transitions_only(tiny_model):
     regularized = sorted(layer.name for layer in tiny_model.layers
                          if getattr(layer, "kernel_regularizer", None) is not None)
@@ -126,6 +116,7 @@ def test_weight_decay_on_first_conv_and_transitions_only(tiny_model):
     assert not plain.losses
 
 
+@pytest.mark.slow
 def test_mixed_precision_output_stays_float32(batch):
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
@@ -139,99 +130,9 @@ def test_mixed_precision_output_stays_float32(batch):
     assert fcdensenet.build_model(**TINY).get_layer("logits").compute_dtype == "float32"
 
 
+@pytest.mark.slow
 def test_make_predict_function_matches_the_model(tiny_model, batch):
     predict = fcdensenet.make_predict_function(tiny_model)
     np.testing.assert_allclose(predict(batch).numpy(), tiny_model(batch, training=False).numpy(), atol=1e-6)
     # one trace serves other sizes too
     assert predict(batch[:1, :32, :64]).shape == (1, 32, 64, 3)
-
-
-def test_effective_radius_is_rounded_and_capped():
-    model = fcdensenet.build_model(**TINY)
-    cap = fcdensenet.theoretical_radius(model)
-    assert cap == 96
-    radius = fcdensenet.measure_effective_radius(model)
-    assert radius % SIZE_FACTOR == 0 and SIZE_FACTOR <= radius <= cap
-    # every pixel of the field has some gradient: a zero threshold finds the whole field, capped
-    assert fcdensenet.measure_effective_radius(model, relative_threshold=0.0) == cap
-    # a threshold near the peak keeps only the centre
-    assert fcdensenet.measure_effective_radius(model, relative_threshold=0.5) == SIZE_FACTOR
-    assert fcdensenet.measure_effective_radius(model, relative_threshold=1e-3) <= radius
-
-
-def test_export_load_round_trip(tiny_model, exported, batch):
-    path, metadata = exported
-    predict, loaded = fcdensenet.load_saved_model(path)
-    assert loaded == metadata
-    with open(os.path.join(path, fcdensenet.METADATA_FILENAME)) as handle:
-        assert json.load(handle) == metadata
-    assert loaded["variant"] == "FCDenseNet-custom"
-    assert loaded["number_classes"] == 3 and loaded["number_channels"] == 2
-    assert loaded["radius"] == fcdensenet.measure_effective_radius(tiny_model)
-    assert loaded["theoretical_radius"] == 96
-    assert loaded["size_factor"] == 32 and loaded["normalization"] == "zscore_per_channel"
-    assert loaded["epoch"] == 3 and loaded["note"] == "tiny"
-    out = predict(batch)
-    assert isinstance(out, np.ndarray) and out.dtype == np.float32
-    np.testing.assert_allclose(out, tiny_model(batch, training=False).numpy(), atol=1e-5)
-    square = batch[:1, :32, :32]
-    np.testing.assert_allclose(predict(square), tiny_model(square, training=False).numpy(), atol=1e-5)
-
-
-def test_predict_rejects_bad_batches(exported, batch):
-    predict, _ = fcdensenet.load_saved_model(exported[0])
-    with pytest.raises(ValueError, match="2 channel"):
-        predict(np.zeros((1, 32, 32, 3), np.float32))
-    with pytest.raises(ValueError, match="multiple of 32"):
-        predict(batch[:, :40])
-    with pytest.raises(ValueError):
-        predict(batch[0])
-
-
-def test_export_replaces_an_existing_export_and_leaves_no_temporaries(tmp_path, batch):
-    path = tmp_path / "model"
-    first = fcdensenet.build_model(**TINY)
-    second = fcdensenet.build_model(**TINY)
-    fcdensenet.export_saved_model(first, path, radius=64)
-    fcdensenet.export_saved_model(second, path, radius=96)
-    assert os.listdir(tmp_path) == ["model"]
-    predict, metadata = fcdensenet.load_saved_model(path)
-    assert metadata["radius"] == 96
-    np.testing.assert_allclose(predict(batch), second(batch, training=False).numpy(), atol=1e-5)
-    assert not np.allclose(predict(batch), first(batch, training=False).numpy(), atol=1e-5)
-
-
-def test_export_refuses_to_clobber_foreign_directories_and_bad_metadata(tmp_path, tiny_model):
-    foreign = tmp_path / "results"
-    foreign.mkdir()
-    (foreign / "test_loss.csv").write_text("0.5\n")
-    with pytest.raises(ValueError, match="not an FC-DenseNet SavedModel"):
-        fcdensenet.export_saved_model(tiny_model, foreign, radius=64)
-    assert (foreign / "test_loss.csv").read_text() == "0.5\n"
-    with pytest.raises(ValueError, match="redefine"):
-        fcdensenet.export_saved_model(tiny_model, tmp_path / "m", extra_metadata={"radius": 1}, radius=64)
-    with pytest.raises(ValueError, match="JSON"):
-        fcdensenet.export_saved_model(tiny_model, tmp_path / "m", extra_metadata={"x": object()}, radius=64)
-    assert sorted(os.listdir(tmp_path)) == ["results"]
-
-
-def test_load_rejects_missing_and_foreign_paths(tmp_path):
-    missing = tmp_path / "nothing"
-    with pytest.raises(ValueError, match="no such SavedModel") as error:
-        fcdensenet.load_saved_model(missing)
-    assert str(missing) in str(error.value) and "\n" not in str(error.value)
-    foreign = tmp_path / "foreign"
-    foreign.mkdir()
-    (foreign / "saved_model.pb").write_bytes(b"not a protobuf")
-    with pytest.raises(ValueError, match="not an FC-DenseNet SavedModel") as error:
-        fcdensenet.load_saved_model(foreign)
-    assert str(foreign) in str(error.value) and "\n" not in str(error.value)
-    (foreign / fcdensenet.METADATA_FILENAME).write_text("{broken")
-    with pytest.raises(ValueError, match="unreadable metadata"):
-        fcdensenet.load_saved_model(foreign)
-    (foreign / fcdensenet.METADATA_FILENAME).write_text(json.dumps(
-        {"variant": "FCDenseNet56", "number_classes": 2, "number_channels": 1, "radius": 384, "size_factor": 32,
-         "normalization": "zscore_per_channel"}))
-    with pytest.raises(ValueError, match="cannot load the SavedModel") as error:
-        fcdensenet.load_saved_model(foreign)
-    assert str(foreign) in str(error.value) and "\n" not in str(error.value)

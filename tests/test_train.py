@@ -14,7 +14,9 @@ import lmdb
 import numpy as np
 import pytest
 
+import atomic_files
 import records
+import saved_model
 from train_fcdensenet import early_stopping_status
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,6 +180,7 @@ REPLICA_STEP = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_one_step_is_the_same_on_one_and_two_replicas(tmp_path):
     script = tmp_path / "replica_step.py"
     script.write_text(REPLICA_STEP)
@@ -235,6 +238,7 @@ MIXED_STEP = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_mixed_precision_step_scales_the_loss_and_trains(tmp_path):
     """The loss-scaling path of --mixed_precision, exercised on the CPU (the flag itself refuses it)."""
     script = tmp_path / "mixed_step.py"
@@ -248,8 +252,8 @@ def test_mixed_precision_step_scales_the_loss_and_trains(tmp_path):
 # end to end
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_every_output(databases, tmp_path):
-    import fcdensenet
     import image_files
 
     config = tmp_path / "augment.json"
@@ -290,7 +294,7 @@ def test_tiny_run_writes_every_output(databases, tmp_path):
 
     # the SavedModel is the best epoch's model: its loss over the test records is the logged one
     best_epoch, _ = early_stopping_status(losses, 10)
-    predict, metadata = fcdensenet.load_saved_model(str(output / "saved_model"))
+    predict, metadata = saved_model.load_saved_model(str(output / "saved_model"))
     assert metadata["number_classes"] == 2 and metadata["number_channels"] == 1
     assert metadata["training"]["batch_size"] == 2 and metadata["training"]["epoch"] == best_epoch
     env = lmdb.open(databases["test"], readonly=True, lock=False)
@@ -339,6 +343,7 @@ def interrupt_after(command, marker, send, timeout=240):
     return process.returncode, "".join(lines)
 
 
+@pytest.mark.slow
 def test_interrupt_and_resume_keep_the_history_continuous(databases, tmp_path):
     output = tmp_path / "run"
     command = train_command(databases, output, "--batch_size", "2", "--test_every_n_steps", "4",
@@ -350,6 +355,16 @@ def test_interrupt_and_resume_keep_the_history_continuous(databases, tmp_path):
     assert "received SIGINT: saved a resume point at epoch 1 step " in out
     state = json.loads((output / "resume" / "state.json").read_text())
     assert state["epoch"] == 1 and len(state["history"]) == 1 and 1 <= state["step_in_epoch"] <= 4
+
+    # as if the next save had been killed between its two renames: the resume point parked aside,
+    # a half-written new one staged
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    os.rename(output / "resume", atomic_files.parked_path(output / "resume", ended.pid))
+    staged = atomic_files.staging_path(output / "resume", ended.pid)
+    os.mkdir(staged)
+    with open(os.path.join(staged, "state.json"), "w") as handle:
+        handle.write('{"epoch": 9, ')
 
     # SIGTERM to the whole process group, as SLURM preempts: the reader workers die too
     code, out = interrupt_after(command, "(global ", lambda p: os.killpg(p.pid, signal.SIGTERM))
@@ -365,8 +380,10 @@ def test_interrupt_and_resume_keep_the_history_continuous(databases, tmp_path):
     assert [row[:2] for row in rows[1:]] == [["0", "4"], ["1", "8"], ["2", "12"]]  # none lost or repeated
     assert len((output / "test_loss.csv").read_text().split()) == 3
     assert len([name for name in os.listdir(output) if name.startswith("tensorboard-")]) == 1
+    assert not [name for name in os.listdir(output) if name.startswith(".")]  # nothing parked or staged
 
 
+@pytest.mark.slow
 def test_crops_train_and_whole_records_test(databases, tmp_path):
     large = make_database(tmp_path / "large.lmdb", 6, size=96, seed=5)
     output = tmp_path / "run"
@@ -396,6 +413,7 @@ def test_crops_train_and_whole_records_test(databases, tmp_path):
     ("crop_not_multiple", "error: --crop_size must be 0 or a positive multiple of 32"),
     ("crop_too_large", "crop size 64 is larger than its 32x32 records"),
 ])
+@pytest.mark.slow
 def test_bad_input_fails_with_one_line(databases, tmp_path, case, expected):
     output = tmp_path / "run"
     extra = ["--test_every_n_steps", "2", "--max_epochs", "1", "--batch_size", "2"]
@@ -437,6 +455,7 @@ WORKER_STEPS = textwrap.dedent("""
     import tensorflow as tf
     import fcdensenet
     import train_fcdensenet as T
+    from run_folder import RunFolder
 
     output_dir, result = sys.argv[1], sys.argv[2]
     strategy = T.make_strategy()
@@ -455,7 +474,7 @@ WORKER_STEPS = textwrap.dedent("""
         totals = step(iterator, tf.constant(1.0 if index == 1 and number == 2 else 0.0)).numpy()
     T.make_statistics_sync(strategy, model)()  # as the trainer does before testing and saving
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
-    T.save_resume_point(output_dir, checkpoint, {"written_by": index}, is_chief)
+    RunFolder(output_dir, is_chief).save_resume(checkpoint, {"written_by": index})
     np.savez(result, is_chief=is_chief, index=index, workers=workers, votes=totals[3], *model.get_weights())
 """)
 
@@ -470,6 +489,7 @@ def free_ports(count):
     return ports
 
 
+@pytest.mark.slow
 def test_two_workers_end_with_identical_weights_and_only_the_chief_writes(tmp_path):
     script = tmp_path / "worker_steps.py"
     script.write_text(WORKER_STEPS)

@@ -1,0 +1,160 @@
+"""A training run's output folder: its settings, test history, best model and resume point.
+
+    folder = RunFolder("runs/hes", is_chief=True)
+    state, resume_dir = folder.check(settings)     # None for a fresh run; ValueError for a foreign one
+    folder.write_settings(settings)
+    folder.write_history(history, number_classes)  # test_loss.csv, test_metrics.csv
+    folder.save_best(export_model, weights, metadata)
+    folder.save_resume(checkpoint, state)
+
+Files (only the chief writes; every file and directory is swapped in whole by atomic_files):
+    run_settings.json        the settings that define the run (a resumed run must match them)
+    test_loss.csv            the test loss after every epoch, one value a line (as the reference)
+    test_metrics.csv         epoch, step, test loss, pixel accuracy, mean IoU and per-class IoU
+    checkpoint/ckpt*         the best model's weights (tf.train.Checkpoint, as the reference)
+    saved_model/             the best model as a SavedModel (saved_model.load_saved_model loads it)
+    tensorboard-<time>/      TensorBoard summaries under train/ and test/
+    resume/                  model + optimizer checkpoint and state.json, to continue the run
+"""
+
+import csv
+import io
+import json
+import os
+import shutil
+import tempfile
+
+import tensorflow as tf
+
+import atomic_files
+import saved_model
+
+SETTINGS_FILE = "run_settings.json"
+TEST_LOSS_FILE = "test_loss.csv"
+TEST_METRICS_FILE = "test_metrics.csv"
+BEST_CHECKPOINT_DIR = "checkpoint"
+SAVED_MODEL_DIR = "saved_model"
+RESUME_DIR = "resume"
+STATE_FILE = "state.json"
+CKPT_PREFIX = "ckpt"
+# outputs that mark a folder as holding a training run (ours or the reference's)
+RUN_MARKERS = (SETTINGS_FILE, TEST_LOSS_FILE, TEST_METRICS_FILE, BEST_CHECKPOINT_DIR, SAVED_MODEL_DIR,
+               RESUME_DIR)
+# settings that must match for a run to continue in the same output folder
+RUN_DEFINING = ("train_database", "test_database", "batch_size", "number_classes", "learning_rate",
+                "test_every_n_steps", "balance_classes", "use_augmentation", "early_stopping",
+                "model", "layers_per_block", "growth_rate", "dropout_rate", "seed", "mixed_precision",
+                "augmentation", "crop_size")
+# the values that settings written before a flag existed stand for
+SETTINGS_DEFAULTS = {"crop_size": 0}
+
+
+def run_settings(args, augmentation):
+    """The settings that define a run, from the trainer's arguments."""
+    settings = {name: getattr(args, name) for name in RUN_DEFINING if hasattr(args, name)}
+    settings["train_database"] = os.path.abspath(args.train_database)
+    settings["test_database"] = os.path.abspath(args.test_database)
+    settings["augmentation"] = augmentation.to_dict() if args.use_augmentation else None
+    return settings
+
+
+class RunFolder:
+    """The output folder of one run; only the chief process writes into it."""
+
+    def __init__(self, path, is_chief=True):
+        self.path = path
+        self.is_chief = is_chief
+
+    def file(self, name):
+        return os.path.join(self.path, name)
+
+    def read_state(self):
+        """The resume state: (state dict, resume directory) or (None, None).
+
+        A resume point whose writer was killed between the two renames of its replacement is put
+        back first (only one run writes a folder, so no writer can still be alive).
+        """
+        resume_dir = self.file(RESUME_DIR)
+        if os.path.isdir(self.path):
+            atomic_files.recover_directory(resume_dir, writer_may_live=False)
+        path = os.path.join(resume_dir, STATE_FILE)
+        if not os.path.isfile(path):
+            return None, None
+        try:
+            with open(path) as handle:
+                return json.load(handle), resume_dir
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path}: unreadable resume state ({error})") from None
+
+    def check(self, settings):
+        """Return the resume state to continue from, (None, None) for a fresh run; ValueError if the
+        folder holds another run's files."""
+        if not os.path.isdir(self.path):
+            if os.path.exists(self.path):
+                raise ValueError(f"{self.path}: exists and is not a directory")
+            return None, None
+        results = sorted(name for name in os.listdir(self.path)
+                         if name in RUN_MARKERS and name != SETTINGS_FILE)
+        settings_path = self.file(SETTINGS_FILE)
+        if not os.path.isfile(settings_path):
+            if results:
+                raise ValueError(f"{self.path}: holds another run's files ({', '.join(results)}) but no "
+                                 f"{SETTINGS_FILE}; choose a new --output_dir")
+            return None, None
+        try:
+            with open(settings_path) as handle:
+                previous = dict(SETTINGS_DEFAULTS, **json.load(handle))
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"{settings_path}: unreadable ({error})") from None
+        state, resume_dir = self.read_state()
+        differences = [f"{name} {previous.get(name)!r} -> {settings.get(name)!r}" for name in RUN_DEFINING
+                       if previous.get(name) != settings.get(name)]
+        if differences and (state is not None or results):
+            raise ValueError(f"{self.path}: holds a run with different settings ({'; '.join(differences)}); "
+                             f"choose a new --output_dir or repeat that run's settings to resume it")
+        # same settings: continue; different settings but the old run left no results: start afresh
+        return (state, resume_dir) if not differences else (None, None)
+
+    def write_settings(self, settings):
+        if self.is_chief:
+            os.makedirs(self.path, exist_ok=True)
+            atomic_files.write_text(self.file(SETTINGS_FILE), json.dumps(settings, indent=1) + "\n")
+
+    def write_history(self, history, number_classes):
+        """test_loss.csv (the reference's) and test_metrics.csv from the test passes so far."""
+        if not self.is_chief:
+            return
+        atomic_files.write_text(self.file(TEST_LOSS_FILE), "".join(f"{entry['test_loss']}\n" for entry in history))
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(["epoch", "global_step", "test_loss", "pixel_accuracy", "mean_iou"]
+                        + [f"iou_class_{c}" for c in range(number_classes)])
+        for entry in history:
+            writer.writerow([entry["epoch"], entry["global_step"], entry["test_loss"], entry["pixel_accuracy"],
+                             entry["mean_iou"]] + entry["iou"])
+        atomic_files.write_text(self.file(TEST_METRICS_FILE), text.getvalue())
+
+    def save_resume(self, checkpoint, state):
+        """Model + optimizer + state into resume/, swapped in whole. Every worker takes part (the
+        save may all-reduce); workers other than the chief write to a scratch folder they delete."""
+        if not self.is_chief:
+            scratch = tempfile.mkdtemp(prefix="train-fcdensenet-worker-")
+            try:
+                checkpoint.write(os.path.join(scratch, CKPT_PREFIX))
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            return
+        with atomic_files.replacing_directory(self.file(RESUME_DIR)) as staging:
+            checkpoint.write(os.path.join(staging, CKPT_PREFIX))
+            with open(os.path.join(staging, STATE_FILE), "w") as handle:
+                json.dump(state, handle, indent=1)
+
+    def save_best(self, export_model, weights, metadata):
+        """The best weights as checkpoint/ckpt and as a SavedModel, each swapped in whole (chief only)."""
+        if not self.is_chief:
+            return
+        export_model.set_weights(weights)
+        with atomic_files.replacing_directory(self.file(BEST_CHECKPOINT_DIR)) as staging:
+            tf.train.Checkpoint(model=export_model).write(os.path.join(staging, CKPT_PREFIX))
+        saved_model.export_saved_model(export_model, self.file(SAVED_MODEL_DIR),
+                                       extra_metadata={"training": metadata})
