@@ -11,7 +11,7 @@
    implementation (default tiles, whole-image statistics, tiles batched, radius from the export)
    and for a baseline doing what the reference does: a gradient-probe radius measured for every
    image with the reference's absolute threshold (reference_radius below; the stored radius comes
-   from fcdensenet.measure_effective_radius, whose threshold is relative to the peak gradient),
+   from receptive_field.measure_effective_radius, whose threshold is relative to the peak gradient),
    then 832-pixel tiles stepping by 832 - 2 radius, clipped at the border, run one at a time.
    Same model (a small custom FC-DenseNet, 2 layers per block, growth 4, untrained; stored radius
    96, the reference's probe 128; FCDenseNet56 would take over 7 minutes for this part), same
@@ -33,7 +33,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 import image_files  # noqa: E402
-import inference_fcdensenet as inference  # noqa: E402
+import segmentation  # noqa: E402
+import tiling  # noqa: E402
 
 REFERENCE_TILE = 832
 SPEED_SIZE = 4096
@@ -57,10 +58,11 @@ def export(path, seed, **architecture):
     import keras
 
     import fcdensenet
+    import saved_model
 
     keras.utils.set_random_seed(seed)
     model = fcdensenet.build_model(variant=None, number_channels=1, number_classes=2, **architecture)
-    fcdensenet.export_saved_model(model, path)
+    saved_model.export_saved_model(model, path)
     return model
 
 
@@ -94,14 +96,15 @@ def reference_radius(model):
     """The reference's probe: a one-pixel loss back-propagated, |input gradient| > 1e-8, rounded up to 32.
 
     The loss is the cross-entropy of the centre pixel's softmax against class 0 on a random-noise
-    image; the threshold is absolute, as in the reference (fcdensenet.measure_effective_radius
+    image; the threshold is absolute, as in the reference (receptive_field.measure_effective_radius
     uses one relative to the peak gradient instead, which gives a smaller radius).
     """
     import tensorflow as tf
 
     import fcdensenet
+    import receptive_field
 
-    width = 2 * fcdensenet.theoretical_radius(model) + 2 * fcdensenet.SIZE_FACTOR
+    width = 2 * receptive_field.theoretical_radius(model) + 2 * fcdensenet.SIZE_FACTOR
     height = 2 * fcdensenet.SIZE_FACTOR
     images = tf.constant(np.random.default_rng(0).standard_normal((1, height, width, model.input_shape[-1]),
                                                                   dtype=np.float32))
@@ -112,7 +115,7 @@ def reference_radius(model):
     profile = np.abs(tape.gradient(loss, images).numpy()[0]).max(axis=(0, 2))
     columns = np.nonzero(profile > 1e-8)[0]
     extent = max(width // 2 - columns.min(), columns.max() - width // 2)
-    return inference.round_up(extent, fcdensenet.SIZE_FACTOR)
+    return tiling.round_up(extent, fcdensenet.SIZE_FACTOR)
 
 
 def reference_approach(image, model, predict):
@@ -121,7 +124,7 @@ def reference_approach(image, model, predict):
     zone = REFERENCE_TILE - 2 * radius
     height, width = image.shape[:2]
     padded = np.pad(image_files.zscore_normalize(image),
-                    ((0, inference.round_up(height, 32) - height), (0, inference.round_up(width, 32) - width),
+                    ((0, tiling.round_up(height, 32) - height), (0, tiling.round_up(width, 32) - width),
                      (0, 0)), mode="reflect")
     mask = np.empty(padded.shape[:2], np.uint8)
     computed = 0
@@ -145,19 +148,19 @@ def reference_kept_share(shape, radius):
 
 
 def this_implementation(image, metadata, predict):
-    tile_size = inference.check_tile_size(0, metadata["radius"], metadata["size_factor"])
-    grid = inference.tile_grid(*image.shape, tile_size, metadata["radius"], metadata["size_factor"])
-    batch_size = inference.tiles_per_batch(0, grid.tile_shape, tile_size)
-    mask = inference.segment_array(image, predict, metadata, tile_size, batch_size)
+    tile_size = tiling.check_tile_size(0, metadata["radius"], metadata["size_factor"])
+    grid = tiling.tile_grid(*image.shape, tile_size, metadata["radius"], metadata["size_factor"])
+    batch_size = tiling.tiles_per_batch(0, grid.tile_shape, tile_size)
+    mask = segmentation.segment_array(image, predict, metadata, tile_size, batch_size)
     return mask, grid, batch_size
 
 
 def measure_speed(workdir):
-    import fcdensenet
+    import saved_model
 
     model_path = os.path.join(workdir, "small")
     model = export(model_path, seed=4, layers_per_block=2, growth_rate=4)
-    predict, metadata = fcdensenet.load_saved_model(model_path)
+    predict, metadata = saved_model.load_saved_model(model_path)
     image = mosaic(SPEED_SIZE)
     megapixels = image.size / 1e6
     predict(np.zeros((1, 64, 64, 1), np.float32))  # one-off start-up cost, paid by neither side

@@ -1,7 +1,7 @@
 """inference_fcdensenet.py: exact tiling, every pixel type and layout, output files, bad input.
 
 The models are tiny untrained FC-DenseNets (one layer per block, growth 2, 8 first filters) exported
-once per module with fcdensenet.export_saved_model, which measures their radius (96 pixels).
+once per module with saved_model.export_saved_model, which measures their radius (96 pixels).
 """
 
 import argparse
@@ -13,7 +13,12 @@ import numpy as np
 import pytest
 import tifffile
 
+import image_files
+import image_sources
 import inference_fcdensenet as inference
+import mask_writers
+import segmentation
+import tiling
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, "inference_fcdensenet.py")
@@ -25,11 +30,12 @@ def export_tiny_model(path, number_channels, number_classes, seed):
     import keras
 
     import fcdensenet
+    import saved_model
 
     keras.utils.set_random_seed(seed)
     model = fcdensenet.build_model(number_channels=number_channels, number_classes=number_classes, **TINY)
-    fcdensenet.export_saved_model(model, path)
-    return fcdensenet.load_saved_model(path)
+    saved_model.export_saved_model(model, path)
+    return saved_model.load_saved_model(path)
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +75,14 @@ def last_line(text):
 
 @pytest.mark.parametrize("radius", [0, 40, 96, 128])
 def test_axis_tilings_keep_every_pixel_once_with_full_context(radius):
-    margin = inference.round_up(radius, 32)
+    margin = tiling.round_up(radius, 32)
     for length in [1, 31, 32, 33, 70, 100, 333, 383, 384, 385, 517, 1000, 1100, 1500, 4097]:
-        padded = inference.round_up(length, 32)
-        tilings = inference.axis_tilings(length, radius)
+        padded = tiling.round_up(length, 32)
+        tilings = tiling.axis_tilings(length, radius)
         assert tilings[0] == (1, padded)
         assert [tile for _, tile in tilings] == sorted({tile for _, tile in tilings}, reverse=True)
         for count, tile in tilings:
-            windows = inference.axis_windows(length, tile, radius)
+            windows = tiling.axis_windows(length, tile, radius)
             assert len(windows) == count and tile % 32 == 0
             assert windows[0].keep_start == 0 and windows[-1].keep_stop == length
             for before, after in zip(windows, windows[1:]):
@@ -95,7 +101,7 @@ def test_axis_tilings_keep_every_pixel_once_with_full_context(radius):
 
 @pytest.mark.parametrize("shape", [(100, 70), (333, 517), (1500, 1100), (31, 2049)])
 def test_tile_grid_writes_every_pixel_exactly_once(shape):
-    grid = inference.tile_grid(*shape, 384, 96)
+    grid = tiling.tile_grid(*shape, 384, 96)
     written = np.zeros(shape, np.int32)
     for row in grid.rows:
         for y, x in row:
@@ -111,7 +117,7 @@ def square_tiles_computed_pixels(height, width, tile_size, radius):
     """Pixels computed by the fewest square-bounded tiles per axis (each side at most tile_size)."""
     computed = 1
     for length in (height, width):
-        count, tile = next((count, tile) for count, tile in inference.axis_tilings(length, radius)
+        count, tile = next((count, tile) for count, tile in tiling.axis_tilings(length, radius)
                            if tile <= tile_size)
         computed *= count * tile
     return computed
@@ -119,7 +125,7 @@ def square_tiles_computed_pixels(height, width, tile_size, radius):
 
 @pytest.mark.parametrize("shape", [(4096, 4096), (2500, 2500), (3000, 1000), (16384, 16384), (700, 9000)])
 def test_tile_grid_computes_no_more_than_square_tiles_within_the_same_area(shape):
-    grid = inference.tile_grid(*shape, 2048, 96)
+    grid = tiling.tile_grid(*shape, 2048, 96)
     computed = grid.tile_count * grid.tile_shape[0] * grid.tile_shape[1]
     assert grid.tile_shape[0] * grid.tile_shape[1] <= 2048 * 2048
     assert computed <= square_tiles_computed_pixels(*shape, 2048, 96)
@@ -128,79 +134,69 @@ def test_tile_grid_computes_no_more_than_square_tiles_within_the_same_area(shape
 
 def test_tile_grid_uses_rectangles_where_they_compute_less():
     # 4096 rows: 2 tiles of (4096 + 2 * 96) / 2 = 2144; 3 tiles of (4096 + 4 * 96) / 3 -> 1504
-    grid = inference.tile_grid(4096, 4096, 2048, 96)
+    grid = tiling.tile_grid(4096, 4096, 2048, 96)
     assert sorted(grid.tile_shape) == [1504, 2144] and grid.tile_count == 6
     assert square_tiles_computed_pixels(4096, 4096, 2048, 96) == 9 * 1504 * 1504
     # a 3000x1000 image fits one tile of 3008x1024 pixels (fewer than 2048 x 2048): one pass
-    assert inference.tile_grid(3000, 1000, 2048, 96).tile_count == 1
+    assert tiling.tile_grid(3000, 1000, 2048, 96).tile_count == 1
 
 
 def test_tile_size_rules():
-    assert inference.check_tile_size(0, 96) == 2048
-    assert inference.check_tile_size(0, 1120) == 4 * 1120
-    assert inference.check_tile_size(288, 96) == 288  # the zone (96) is the radius: allowed
+    assert tiling.check_tile_size(0, 96) == 2048
+    assert tiling.check_tile_size(0, 1120) == 4 * 1120
+    assert tiling.check_tile_size(288, 96) == 288  # the zone (96) is the radius: allowed
     with pytest.raises(ValueError, match="at least 288"):
-        inference.check_tile_size(256, 96)
+        tiling.check_tile_size(256, 96)
     with pytest.raises(ValueError, match="multiple of 32"):
-        inference.check_tile_size(300, 96)
+        tiling.check_tile_size(300, 96)
     # library callers that skip check_tile_size: no tiling of a 4096 image fits 192x192 with margin 96
     with pytest.raises(ValueError, match="too small for radius 96"):
-        inference.tile_grid(4096, 4096, 192, 96)
+        tiling.tile_grid(4096, 4096, 192, 96)
 
 
 def test_a_forward_pass_holds_at_most_tile_size_squared_pixels():
-    assert inference.tiles_per_batch(0, (512, 512), 2048) == 16
-    assert inference.tiles_per_batch(0, (1504, 2144), 2048) == 1
+    assert tiling.tiles_per_batch(0, (512, 512), 2048) == 16
+    assert tiling.tiles_per_batch(0, (1504, 2144), 2048) == 1
     # a smaller --tile_size lowers the memory of a pass: smaller tiles do not come back in bigger batches
-    assert inference.tiles_per_batch(0, (1024, 1024), 1024) == 1
-    assert inference.tiles_per_batch(0, (480, 672), 1024) == 3
-    assert inference.tiles_per_batch(5, (1024, 1024), 1024) == 5  # an explicit --batch_size wins
+    assert tiling.tiles_per_batch(0, (1024, 1024), 1024) == 1
+    assert tiling.tiles_per_batch(0, (480, 672), 1024) == 3
+    assert tiling.tiles_per_batch(5, (1024, 1024), 1024) == 5  # an explicit --batch_size wins
 
 
 def test_mask_dtype_and_output_names():
-    assert inference.mask_dtype(2) == np.uint8 and inference.mask_dtype(256) == np.uint8
-    assert inference.mask_dtype(257) == np.uint16 and inference.mask_dtype(65536) == np.uint16
-    assert inference.mask_dtype(65537) == np.int32
-    assert inference.output_path("out", "a.b.tif") == os.path.join("out", "a.b.tif")
-    assert inference.output_path("out", "x.PNG") == os.path.join("out", "x.PNG")
-    assert inference.output_path("out", "photo.JPG") == os.path.join("out", "photo.png")  # lossless
+    def mask_dtype(number_classes):  # the mask holds classes up to number_classes - 1
+        return image_files.mask_dtype(number_classes - 1)
 
-
-def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
-    target = tmp_path / "mask.tif"
-    target.write_bytes(b"old")
-
-    def broken_write(temporary):
-        with open(temporary, "wb") as handle:
-            handle.write(b"half")
-        raise OSError("disk full")
-
-    with pytest.raises(OSError):
-        inference.write_atomically(str(target), broken_write)
-    assert target.read_bytes() == b"old"
-    assert os.listdir(tmp_path) == ["mask.tif"]
+    assert mask_dtype(2) == np.uint8 and mask_dtype(256) == np.uint8
+    assert mask_dtype(257) == np.uint16 and mask_dtype(65536) == np.uint16
+    assert mask_dtype(65537) == np.int32
+    assert mask_writers.output_path("out", "a.b.tif") == os.path.join("out", "a.b.tif")
+    assert mask_writers.output_path("out", "x.PNG") == os.path.join("out", "x.PNG")
+    assert mask_writers.output_path("out", "photo.JPG") == os.path.join("out", "photo.png")  # lossless
 
 
 # ---------------------------------------------------------------------------------------------
 # segmentation with a real SavedModel (in process)
 
+@pytest.mark.slow
 def test_tiled_equals_one_pass_for_two_tile_sizes(gray_model, mosaic):
     _, predict, metadata = gray_model
     assert metadata["radius"] == 96
-    whole = inference.segment_array(mosaic, predict, metadata, tile_size=1504)
+    whole = segmentation.segment_array(mosaic, predict, metadata, tile_size=1504)
     assert whole.shape == mosaic.shape and whole.dtype == np.uint8
     assert 0.05 < whole.mean() < 0.95  # the untrained model still draws both classes
     for tile_size in (288, 512):  # 288: the zone is exactly the radius, the reference's minimum
-        grid = inference.tile_grid(*mosaic.shape, tile_size, 96)
+        grid = tiling.tile_grid(*mosaic.shape, tile_size, 96)
         assert grid.tile_count > 4
         assert (tile_size == 288) == (grid.tile_shape[0] == grid.tile_shape[1])  # 512: rectangles
-        tiled = inference.segment_array(mosaic, predict, metadata, tile_size, batch_size=3)
+        tiled = segmentation.segment_array(mosaic, predict, metadata, tile_size, batch_size=3)
         assert np.mean(tiled == whole) >= 0.999
     # the same tiles without context disagree: the comparison above would catch a wrong margin
-    blind = inference.segment_array(mosaic, predict, dict(metadata, radius=0), 288, batch_size=3)
+    blind = segmentation.segment_array(mosaic, predict, dict(metadata, radius=0), 288, batch_size=3)
     assert np.mean(blind == whole) < 0.999
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32, np.float32])
 def test_pixel_types_and_odd_sizes(gray_model, mosaic, dtype):
     _, predict, metadata = gray_model
@@ -212,23 +208,24 @@ def test_pixel_types_and_odd_sizes(gray_model, mosaic, dtype):
         np.float32: lambda: crop.astype(np.float32) * 0.01 + 5,
     }[dtype]()
     assert image.dtype == dtype and crop.max() // 64 <= 255
-    mask = inference.segment_array(image, predict, metadata, tile_size=288, batch_size=2)
+    mask = segmentation.segment_array(image, predict, metadata, tile_size=288, batch_size=2)
     assert mask.shape == (333, 517) and mask.dtype == np.uint8
     if dtype == np.uint8:  # 8-bit quantisation changes the image: compare with the same values
-        reference = inference.segment_array(image.astype(np.float32), predict, metadata, 288)
+        reference = segmentation.segment_array(image.astype(np.float32), predict, metadata, 288)
         assert np.array_equal(mask, reference)
     else:  # z-scoring makes the mask independent of an affine change of the pixel values
-        reference = inference.segment_array(crop, predict, metadata, 288)
+        reference = segmentation.segment_array(crop, predict, metadata, 288)
         assert np.mean(mask == reference) > 0.999
 
 
+@pytest.mark.slow
 def test_hwc_image_with_a_three_channel_model(rgb_model, mosaic):
     _, predict, metadata = rgb_model
     image = np.stack([mosaic[:333, :517], mosaic[333:666, :517], mosaic[666:999, :517]], axis=-1)
-    whole = inference.segment_array(image, predict, metadata, tile_size=544)
+    whole = segmentation.segment_array(image, predict, metadata, tile_size=544)
     assert whole.shape == (333, 517) and whole.dtype == np.uint16  # 300 classes
     assert 255 < whole.max() < 300
-    tiled = inference.segment_array(image, predict, metadata, tile_size=288, batch_size=4)
+    tiled = segmentation.segment_array(image, predict, metadata, tile_size=288, batch_size=4)
     assert np.mean(tiled == whole) >= 0.999
 
 
@@ -253,6 +250,7 @@ def write_folder(folder, mosaic):
     return images
 
 
+@pytest.mark.slow
 def test_script_segments_a_folder_and_reports_bad_images(gray_model, mosaic, tmp_path):
     model_path, predict, metadata = gray_model
     images = write_folder(str(tmp_path / "images"), mosaic)
@@ -275,7 +273,7 @@ def test_script_segments_a_folder_and_reports_bad_images(gray_model, mosaic, tmp
     for name, image in images.items():
         mask = tifffile.imread(str(output / name))
         assert mask.shape == image.shape[:2] and mask.dtype == np.uint8
-        expected = inference.segment_array(image, predict, metadata, 288)
+        expected = segmentation.segment_array(image, predict, metadata, 288)
         assert np.mean(mask == expected) > 0.9999, name
     with tifffile.TiffFile(str(output / "slide.tif")) as tiff:
         page = tiff.pages.first
@@ -285,22 +283,24 @@ def test_script_segments_a_folder_and_reports_bad_images(gray_model, mosaic, tmp
         assert tiff.pages.first.compression == 8 and not tiff.is_bigtiff
 
 
+@pytest.mark.slow
 def test_streamed_tiff_with_rectangular_tiles_equals_the_in_memory_mask(gray_model, mosaic, tmp_path):
     _, predict, metadata = gray_model
     image = mosaic[:700, :1100]
-    grid = inference.tile_grid(*image.shape, 512, 96)
+    grid = tiling.tile_grid(*image.shape, 512, 96)
     assert grid.tile_shape[0] != grid.tile_shape[1] and len(grid.rows) > 1
     path = str(tmp_path / "slide.tif")
     tifffile.imwrite(path, image, tile=(128, 128), compression="zlib")
     settings = argparse.Namespace(tile_size=512, batch_size=4, streaming_megapixels=0.1)
-    source = inference.open_source(path, settings.streaming_megapixels)
-    assert isinstance(source, inference.TiffSource)  # read band by band, not whole
+    source = image_sources.open_source(path, settings.streaming_megapixels)
+    assert isinstance(source, image_sources.TiffSource)  # read band by band, not whole
     source.close()
     inference.segment_file(path, str(tmp_path), predict, metadata, settings)  # replaces slide.tif
     streamed = tifffile.imread(path)
-    assert np.array_equal(streamed, inference.segment_array(image, predict, metadata, 512, batch_size=4))
+    assert np.array_equal(streamed, segmentation.segment_array(image, predict, metadata, 512, batch_size=4))
 
 
+@pytest.mark.slow
 def test_png_images_give_png_masks(gray_model, mosaic, tmp_path):
     import imageio.v3 as iio
 
@@ -316,10 +316,11 @@ def test_png_images_give_png_masks(gray_model, mosaic, tmp_path):
     assert sorted(os.listdir(tmp_path / "out")) == ["eight.png", "sixteen.png"]
     mask = iio.imread(str(tmp_path / "out" / "sixteen.png"))
     assert mask.shape == (45, 61) and mask.dtype == np.uint8
-    expected = inference.segment_array(mosaic[:45, :61], predict, metadata, 2048)
+    expected = segmentation.segment_array(mosaic[:45, :61], predict, metadata, 2048)
     assert np.array_equal(mask, expected)
 
 
+@pytest.mark.slow
 def test_bad_saved_model_and_folders(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
@@ -345,6 +346,7 @@ def test_bad_saved_model_and_folders(tmp_path):
     assert not os.path.exists(tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_tile_size_checked_against_the_model(gray_model, tmp_path):
     model_path, _, _ = gray_model
     images = tmp_path / "images"

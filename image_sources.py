@@ -1,0 +1,199 @@
+"""Where inference reads images from: one interface for an array in memory and a TIFF streamed by rows.
+
+    with open_source("slide.tif", streaming_megapixels=64) as source:
+        height, width, channels = source.shape
+        mean, std = source.statistics()          # per channel, over the whole image
+        band = source.rows(0, 512)               # (512, width, channels)
+
+A TIFF of at least `streaming_megapixels` is never loaded whole: uncompressed contiguous pixels are
+read straight from the file, tiled or striped ones by decoding only the segments that hold the rows
+asked for. Other images are decoded whole into an ArraySource.
+"""
+
+import math
+import os
+
+import numpy as np
+
+import image_files
+
+# Values per block when the streaming pass computes the normalisation statistics.
+STATISTICS_BLOCK_PIXELS = 2**22
+
+
+class ImageSource:
+    """What inference reads an image through.
+
+    Subclasses set `path`, `shape` (height, width, channels) and `streamed` (True when the image is
+    never held whole, so its mask should be written band by band too) and provide rows(start, stop):
+    pixels [start, stop) of every column, (rows, width, channels) in a supported pixel type.
+    statistics() streams over blocks of rows; close() frees what the source holds.
+    """
+
+    path = None
+    shape = None
+    streamed = False
+
+    def rows(self, start, stop):
+        raise NotImplementedError
+
+    def statistics_rows(self):
+        """Rows per block of the statistics pass: about STATISTICS_BLOCK_PIXELS values."""
+        height, width, channels = self.shape
+        return max(1, STATISTICS_BLOCK_PIXELS // (width * channels))
+
+    def statistics(self):
+        """Per-channel mean and std (float64) in one pass over blocks of rows (Chan et al.'s merge)."""
+        height, _, channels = self.shape
+        step = self.statistics_rows()
+        count, mean, m2 = 0, np.zeros(channels), np.zeros(channels)
+        for start in range(0, height, step):
+            block = self.rows(start, min(start + step, height)).astype(np.float32)
+            block_count = block.shape[0] * block.shape[1]
+            block_mean = block.mean(axis=(0, 1), dtype=np.float64)
+            block_m2 = np.square(block - block_mean.astype(np.float32), dtype=np.float64).sum(axis=(0, 1))
+            delta = block_mean - mean
+            total = count + block_count
+            mean = mean + delta * block_count / total
+            m2 = m2 + block_m2 + delta**2 * count * block_count / total
+            count = total
+        return mean, np.sqrt(m2 / count)
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+        return False
+
+
+class ArraySource(ImageSource):
+    """An image already in memory (HW or HWC)."""
+
+    def __init__(self, image, path=None):
+        self.path = path
+        self.image = image if image.ndim == 3 else image[:, :, np.newaxis]
+        self.shape = self.image.shape
+
+    def rows(self, start, stop):
+        return self.image[start:stop]
+
+    def statistics(self):
+        # Exactly what image_files.zscore_normalize computes for the whole image.
+        image = np.asarray(self.image, dtype=np.float32)
+        return image.mean(axis=(0, 1), dtype=np.float64), image.std(axis=(0, 1), dtype=np.float64)
+
+
+class TiffSource(ImageSource):
+    """A single-image TIFF read one band of full-width rows at a time, never whole.
+
+    Uncompressed contiguous pixels are read straight from the file; tiled or striped pixels (any
+    compression) by decoding only the segments that hold the requested rows.
+    """
+
+    def __init__(self, path, tiff, page):
+        self.path = path
+        self.tiff = tiff
+        self.page = page
+        height, width = page.imagelength, page.imagewidth
+        self.shape = (height, width, page.samplesperpixel)
+        self.streamed = True
+        self._band = (None, None, None)
+
+    @staticmethod
+    def open(path):
+        """A TiffSource, or None when the file's layout cannot be read by rows."""
+        import tifffile
+
+        tiff = tifffile.TiffFile(path)
+        try:
+            page = tiff.pages.first
+            supported = (
+                len(tiff.pages) == 1
+                and page.imagedepth == 1
+                and (page.planarconfig == 1 or page.samplesperpixel == 1)
+                and page.dtype is not None
+                and (page.is_final or len(page.dataoffsets) == math.prod(page.chunked))
+            )
+        except Exception:
+            tiff.close()
+            raise
+        if not supported:
+            tiff.close()
+            return None
+        return TiffSource(path, tiff, page)
+
+    def close(self):
+        self.tiff.close()
+
+    def rows(self, start, stop):
+        cached_start, cached_stop, band = self._band
+        if (cached_start, cached_stop) != (start, stop):
+            band = self._read_rows(start, stop)
+            band = image_files.as_supported_image(band, self.path)
+            self._band = (start, stop, band)
+        return band
+
+    def _read_rows(self, start, stop):
+        height, width, channels = self.shape
+        page = self.page
+        handle = self.tiff.filehandle
+        if page.is_final:
+            dtype = np.dtype(self.tiff.byteorder + page.dtype.char)
+            row_items = width * channels
+            handle.seek(page.dataoffsets[0] + start * row_items * dtype.itemsize)
+            band = handle.read_array(dtype, (stop - start) * row_items)
+            return band.reshape(stop - start, width, channels).astype(page.dtype, copy=False)
+        segment_height = page.tilelength if page.is_tiled else min(page.rowsperstrip, height)
+        segment_width = page.tilewidth if page.is_tiled else width
+        columns = -(-width // segment_width)
+        band = np.zeros((stop - start, width, channels), page.dtype)
+        decode = page.decode
+        for segment_row in range(start // segment_height, -(-stop // segment_height)):
+            for segment_column in range(columns):
+                index = segment_row * columns + segment_column
+                handle.seek(page.dataoffsets[index])
+                data = handle.read(page.databytecounts[index]) if page.databytecounts[index] else None
+                segment, position, _ = decode(data, index, jpegtables=page.jpegtables)
+                if segment is None:
+                    continue
+                segment = segment.reshape(segment.shape[-3:])
+                y0, x0 = position[2], position[3]
+                y1, x1 = min(y0 + segment.shape[0], height), min(x0 + segment.shape[1], width)
+                low, high = max(y0, start), min(y1, stop)
+                band[low - start:high - start, x0:x1] = segment[low - y0:high - y0, :x1 - x0]
+        return band
+
+    def statistics_rows(self):
+        step = super().statistics_rows()
+        page = self.page
+        if not page.is_final:
+            segment_height = page.tilelength if page.is_tiled else min(page.rowsperstrip, self.shape[0])
+            step = max(1, step // segment_height) * segment_height  # decode each segment once
+        return step
+
+    def statistics(self):
+        statistics = super().statistics()
+        self._band = (None, None, None)
+        return statistics
+
+
+def open_source(path, streaming_megapixels):
+    """An ArraySource, or a TiffSource for a TIFF at or above the streaming size."""
+    extension = os.path.splitext(path)[1].lower()
+    if extension in (".tif", ".tiff"):
+        try:
+            source = TiffSource.open(path)
+        except Exception as error:  # tifffile raises many types for a corrupt file
+            raise image_files.ImageFileError(
+                f"{path}: cannot decode ({type(error).__name__}: {error})") from None
+        if source is not None:
+            height, width, channels = source.shape
+            if height * width * channels >= streaming_megapixels * 1e6:
+                return source
+            source.close()
+    image = image_files.read_image(path)
+    return ArraySource(image_files.as_supported_image(image, path), path)
