@@ -10,8 +10,10 @@ read straight from the file, tiled or striped ones by decoding only the segments
 asked for. Other images are decoded whole into an ArraySource.
 """
 
+import dataclasses
 import math
 import os
+import xml.etree.ElementTree
 
 import numpy as np
 
@@ -19,6 +21,51 @@ import image_files
 
 # Values per block when the streaming pass computes the normalisation statistics.
 STATISTICS_BLOCK_PIXELS = 2**22
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelSize:
+    """An image's pixel size, as its TIFF stored it, for the outputs made from it to carry.
+
+    resolution: (x, y) pixels per resolution_unit (TIFF XResolution, YResolution), or None;
+    resolution_unit: the TIFF ResolutionUnit (1 none, 2 inch, 3 centimetre);
+    ome: the OME Pixels attributes PhysicalSizeX/Y and their units, or None for a plain TIFF.
+    """
+
+    resolution: tuple = None
+    resolution_unit: int = None
+    ome: dict = None
+
+
+OME_PHYSICAL_SIZES = ("PhysicalSizeX", "PhysicalSizeXUnit", "PhysicalSizeY", "PhysicalSizeYUnit")
+
+
+def _ome_physical_size(tiff):
+    """PhysicalSizeX/Y (and units) of the first OME Pixels element, or None."""
+    if not tiff.is_ome or not tiff.ome_metadata:
+        return None
+    try:
+        root = xml.etree.ElementTree.fromstring(tiff.ome_metadata)
+    except xml.etree.ElementTree.ParseError:
+        return None
+    pixels = next((element for element in root.iter() if element.tag.endswith("Pixels")), None)
+    if pixels is None:
+        return None
+    sizes = {name: pixels.attrib[name] for name in OME_PHYSICAL_SIZES if name in pixels.attrib}
+    for name in ("PhysicalSizeX", "PhysicalSizeY"):
+        if name in sizes:
+            sizes[name] = float(sizes[name])
+    return sizes or None
+
+
+def read_pixel_size(tiff):
+    """The PixelSize of an open tifffile.TiffFile (resolution tags of its first page, OME sizes)."""
+    page = tiff.pages.first
+    resolution = unit = None
+    if "XResolution" in page.tags and "YResolution" in page.tags:
+        resolution = page.get_resolution()
+        unit = int(page.resolutionunit)
+    return PixelSize(resolution, unit, _ome_physical_size(tiff))
 
 
 class ImageSource:
@@ -33,6 +80,7 @@ class ImageSource:
     path = None
     shape = None
     streamed = False
+    pixel_size = None  # a PixelSize where the file says
 
     def rows(self, start, stop):
         raise NotImplementedError
@@ -101,6 +149,7 @@ class TiffSource(ImageSource):
         height, width = page.imagelength, page.imagewidth
         self.shape = (height, width, page.samplesperpixel)
         self.streamed = True
+        self.pixel_size = read_pixel_size(tiff)
         self._band = (None, None, None)
 
     @staticmethod
@@ -184,6 +233,7 @@ class TiffSource(ImageSource):
 def open_source(path, streaming_megapixels):
     """An ArraySource, or a TiffSource for a TIFF at or above the streaming size."""
     extension = os.path.splitext(path)[1].lower()
+    pixel_size = None
     if extension in (".tif", ".tiff"):
         try:
             source = TiffSource.open(path)
@@ -194,6 +244,14 @@ def open_source(path, streaming_megapixels):
             height, width, channels = source.shape
             if height * width * channels >= streaming_megapixels * 1e6:
                 return source
+            pixel_size = source.pixel_size
             source.close()
+        else:  # a layout that cannot be read by rows: read whole, keep the pixel size all the same
+            import tifffile
+
+            with tifffile.TiffFile(path) as tiff:
+                pixel_size = read_pixel_size(tiff)
     image = image_files.read_image(path)
-    return ArraySource(image_files.as_supported_image(image, path), path)
+    source = ArraySource(image_files.as_supported_image(image, path), path)
+    source.pixel_size = pixel_size
+    return source

@@ -40,6 +40,8 @@ import numpy as np
 import image_files
 import image_sources
 import mask_writers
+import pipeline
+import qc_pictures
 import segmentation
 import segmentation_metrics
 import tiling
@@ -68,6 +70,16 @@ def parse_args(argv=None):
     parser.add_argument("--streaming_megapixels", type=float, default=64.0,
                         help="TIFF images with at least this many megapixels (height x width x channels) "
                              "are read and written tile by tile instead of whole")
+    parser.add_argument("--tta", type=int, default=0, choices=(0, 1),
+                        help="1: test-time augmentation: average the softmax over the 8 flips and quarter "
+                             "turns of every tile before the argmax (about 8x the time)")
+    parser.add_argument("--save_probabilities", type=int, default=0, choices=(0, 1),
+                        help="1: also write <stem>_probabilities.tif beside each mask: one uint8 channel per "
+                             "class, 255 = probability 1 (TIFF images only)")
+    parser.add_argument("--overlay_folder", default=None,
+                        help="optional folder for quality-control pictures: <stem>.png per image, the image "
+                             "contrast-stretched with each class's outline in its own colour, at most 2048 "
+                             "pixels on the long side")
     parser.add_argument("--mask_folder", default=None,
                         help="optional folder of ground-truth masks under the images' file names: the "
                              "masks written are scored against them (pixel accuracy, IoU per class, "
@@ -83,8 +95,44 @@ def load_model(path):
     return saved_model.load_saved_model(path)
 
 
-def segment_file(path, output_folder, predict, metadata, args):
-    """Segment one image and write its mask; returns (height, width, tile count)."""
+def output_consumers(source, name, metadata, args):
+    """What is made of one image's probabilities: (segmentation.Output, consumer of its bands) pairs."""
+    height, width, _ = source.shape
+    number_classes = metadata["number_classes"]
+    dtype = image_files.mask_dtype(number_classes - 1)
+    mask = mask_writers.mask_writer(args.output_folder, name)
+    pairs = [(segmentation.Output(segmentation.argmax_labels, dtype),
+              lambda bands: mask.write(bands, (height, width), dtype, source.streamed, source.pixel_size))]
+    if args.save_probabilities:
+        probabilities = mask_writers.probabilities_writer(args.output_folder, name)
+        pairs.append((segmentation.Output(segmentation.quantised_probabilities, np.uint8),
+                      lambda bands: probabilities.write(bands, (height, width, number_classes), np.uint8,
+                                                        source.streamed, source.pixel_size)))
+    return pairs
+
+
+def overlay_consumer(source, name, overlay_folder):
+    """A consumer of (first row, image rows, mask rows) that writes the image's QC picture."""
+    path = os.path.join(overlay_folder, os.path.splitext(name)[0] + ".png")
+
+    def build(items):
+        overlay = qc_pictures.Overlay(*source.shape)
+        for start, image_rows, mask_rows in items:
+            overlay.add(start, image_rows, mask_rows)
+        qc_pictures.write_png(path, overlay.render())
+
+    return build
+
+
+def with_image_rows(bands, source):
+    """Add (first row, the image's rows, the mask's rows) to every band, for the overlay."""
+    for start, arrays in bands:
+        yield arrays + [(start, source.rows(start, start + len(arrays[0])), arrays[0])]
+
+
+def segment_file(path, predict, metadata, args):
+    """Segment one image and write its mask (and what the flags ask for); returns (height, width, tiles)."""
+    name = os.path.basename(path)
     with image_sources.open_source(path, args.streaming_megapixels) as source:
         height, width, channels = source.shape
         if channels != metadata["number_channels"]:
@@ -92,11 +140,16 @@ def segment_file(path, output_folder, predict, metadata, args):
                 f"{path}: image has {channels} channel(s), the model expects {metadata['number_channels']}")
         grid = tiling.tile_grid(height, width, args.tile_size, metadata["radius"], metadata["size_factor"])
         mean, std = source.statistics()
-        dtype = image_files.mask_dtype(metadata["number_classes"] - 1)
         batch_size = tiling.tiles_per_batch(args.batch_size, grid.tile_shape, args.tile_size)
-        bands = segmentation.segment_bands(source, grid, predict, mean, std, batch_size, dtype)
-        writer = mask_writers.mask_writer(output_folder, os.path.basename(path))
-        writer.write(bands, (height, width), dtype, streamed=source.streamed)
+        outputs, consumers = zip(*output_consumers(source, name, metadata, args))
+        tiles = segmentation.tile_probabilities(source, grid, predict, mean, std, batch_size)
+        bands = segmentation.assemble_bands(tiles, grid, width, outputs)
+        if args.overlay_folder is None:
+            items = (arrays for _, arrays in bands)
+        else:
+            items = with_image_rows(bands, source)
+            consumers += (overlay_consumer(source, name, args.overlay_folder),)
+        pipeline.fan_out(items, consumers)
         return height, width, grid.tile_count
 
 
@@ -121,6 +174,17 @@ def print_scores(confusion):
           f"IoU per class [{iou_text}]")
 
 
+def print_setup(metadata, args):
+    """The start line (and a note when outline colours repeat)."""
+    extras = "; test-time augmentation: 8 flips and turns" if args.tta else ""
+    print(f"{metadata['variant']}: {metadata['number_channels']} channel(s), {metadata['number_classes']} "
+          f"classes, radius {metadata['radius']}; tiles of at most {args.tile_size}x{args.tile_size} pixels, "
+          f"{args.batch_size or 'automatic'} per batch{extras}", flush=True)
+    if args.overlay_folder is not None and qc_pictures.colours_cycle(metadata["number_classes"]):
+        print(f"note: {metadata['number_classes'] - 1} classes but {len(qc_pictures.PALETTE)} outline colours: "
+              f"the colours repeat", flush=True)
+
+
 def prepare(args):
     """Check the flags and list the images; exits with one line on any problem."""
     try:
@@ -136,6 +200,12 @@ def prepare(args):
         sys.exit(f"error: {args.mask_folder}: mask folder does not exist")
     if os.path.realpath(args.output_folder) == os.path.realpath(args.image_folder):
         sys.exit(f"error: {args.output_folder}: the output folder must differ from the image folder")
+    if args.overlay_folder is not None and os.path.realpath(args.overlay_folder) in (
+            os.path.realpath(args.output_folder), os.path.realpath(args.image_folder)):
+        sys.exit(f"error: {args.overlay_folder}: the overlay folder must differ from the output and image folders")
+    if args.save_probabilities and args.image_format not in ("tif", "tiff"):
+        sys.exit(f"error: --save_probabilities 1 needs tif images (probability maps are TIFFs with one channel "
+                 f"per class), not .{args.image_format}")
     return names
 
 
@@ -147,13 +217,15 @@ def main(argv=None):
         args.tile_size = tiling.check_tile_size(args.tile_size, metadata["radius"], metadata["size_factor"])
     except ValueError as error:
         sys.exit(f"error: {error}")
-    try:
-        os.makedirs(args.output_folder, exist_ok=True)
-    except OSError as error:
-        sys.exit(f"error: {args.output_folder}: cannot create the output folder ({error.strerror})")
-    print(f"{metadata['variant']}: {metadata['number_channels']} channel(s), {metadata['number_classes']} "
-          f"classes, radius {metadata['radius']}; tiles of at most {args.tile_size}x{args.tile_size} pixels, "
-          f"{args.batch_size or 'automatic'} per batch")
+    for folder, what in ((args.output_folder, "output"), (args.overlay_folder, "overlay")):
+        try:
+            if folder is not None:
+                os.makedirs(folder, exist_ok=True)
+        except OSError as error:
+            sys.exit(f"error: {folder}: cannot create the {what} folder ({error.strerror})")
+    if args.tta:
+        predict = segmentation.dihedral_averaged(predict)
+    print_setup(metadata, args)
 
     number_classes = metadata["number_classes"]
     confusion = np.zeros((number_classes, number_classes), dtype=np.int64)
@@ -162,7 +234,7 @@ def main(argv=None):
         path = os.path.join(args.image_folder, name)
         image_started = time.perf_counter()
         try:
-            height, width, tiles = segment_file(path, args.output_folder, predict, metadata, args)
+            height, width, tiles = segment_file(path, predict, metadata, args)
             if args.mask_folder is not None:
                 written = mask_writers.output_path(args.output_folder, name)
                 confusion += score_mask(written, args.mask_folder, number_classes)

@@ -1,4 +1,4 @@
-"""Where inference writes masks: one writer per output format, each fed full-width bands of rows.
+"""Where inference writes masks and probability maps: one writer per format, fed full-width bands of rows.
 
     writer = mask_writer("out/masks", "slide.tif")      # TiffMaskWriter for out/masks/slide.tif
     writer.write(bands, shape=(height, width), dtype=np.uint8, streamed=True)
@@ -7,7 +7,8 @@ Every writer builds its file under a temporary name and renames it into place wh
 (atomic_files), so a mask that exists is whole. TIFF masks are zlib-compressed, tiled (1024x1024)
 when larger than one tile; a streamed mask (its image was never held whole) is written tile by tile
 as a tiled BigTIFF and never held whole either. png and jpg images get png masks: a mask must be
-stored losslessly.
+stored losslessly. A TIFF output carries its image's pixel size: the resolution tags, and for an
+OME-TIFF image the OME PhysicalSizeX/Y with their units.
 """
 
 import os
@@ -29,9 +30,9 @@ def output_path(output_folder, name):
     return os.path.join(output_folder, stem + extension)
 
 
-def tiff_tiles(bands, width, dtype):
-    """Re-cut full-width bands of mask rows into 1024x1024 TIFF tiles, in storage order."""
-    buffer = np.empty((OUTPUT_TIFF_TILE, width), dtype)
+def tiff_tiles(bands, width, dtype, samples=()):
+    """Re-cut full-width bands of rows (rows, width, *samples) into 1024x1024 TIFF tiles, in storage order."""
+    buffer = np.empty((OUTPUT_TIFF_TILE, width) + tuple(samples), dtype)
     filled = 0
     for band in bands:
         used = 0
@@ -48,38 +49,61 @@ def tiff_tiles(bands, width, dtype):
             yield buffer[:filled, x:x + OUTPUT_TIFF_TILE].copy()
 
 
+def _tiff_options(pixel_size, samples):
+    """TiffWriter and write() keyword arguments that carry the image's pixel size."""
+    opener, options = {"ome": False}, {}
+    if pixel_size is None:
+        return opener, options
+    if pixel_size.resolution is not None:
+        options.update(resolution=pixel_size.resolution, resolutionunit=pixel_size.resolution_unit)
+    if pixel_size.ome:
+        opener["ome"] = True
+        options["metadata"] = dict(pixel_size.ome, axes="YXS" if samples else "YX")
+    return opener, options
+
+
 class MaskWriter:
-    """Writes one mask, atomically, from an iterator of full-width bands of rows (top to bottom)."""
+    """Writes one output image, atomically, from an iterator of full-width bands of rows (top to bottom)."""
 
     def __init__(self, path):
         self.path = path
 
-    def write(self, bands, shape, dtype, streamed=False):
-        """Consume `bands` into the mask file; streamed: never hold the whole mask."""
+    def write(self, bands, shape, dtype, streamed=False, pixel_size=None):
+        """Consume `bands` into the file; streamed: never hold the whole image; shape (H, W[, samples])."""
         with atomic_files.replacing_file(self.path) as temporary:
-            self._write(temporary, bands, shape, np.dtype(dtype), streamed)
+            self._write(temporary, bands, tuple(shape), np.dtype(dtype), streamed, pixel_size)
 
-    def _write(self, path, bands, shape, dtype, streamed):
+    def _write(self, path, bands, shape, dtype, streamed, pixel_size):
         raise NotImplementedError
 
 
 class TiffMaskWriter(MaskWriter):
-    def _write(self, path, bands, shape, dtype, streamed):
+    """zlib-compressed TIFF; tiled when larger than a tile; a streamed one tile by tile as BigTIFF.
+
+    Extra dimensions of the bands (a probability map's classes) are stored as contiguous samples
+    (minisblack), which Fiji and napari read as channels.
+    """
+
+    def _write(self, path, bands, shape, dtype, streamed, pixel_size):
         import tifffile
 
+        samples = shape[2:]
         if streamed:
-            data, tiled, big = tiff_tiles(bands, shape[1], dtype), True, True
+            data, tiled, big = tiff_tiles(bands, shape[1], dtype, samples), True, True
         else:
             data = np.concatenate(list(bands))
             tiled = shape[0] > OUTPUT_TIFF_TILE or shape[1] > OUTPUT_TIFF_TILE
             big = data.nbytes >= BIGTIFF_BYTES
-        with tifffile.TiffWriter(path, bigtiff=big) as writer:
+        opener, options = _tiff_options(pixel_size, samples)
+        if samples:
+            options.update(photometric="minisblack", planarconfig="contig")
+        with tifffile.TiffWriter(path, bigtiff=big, **opener) as writer:
             writer.write(data, shape=shape, dtype=dtype, compression="zlib",
-                         tile=(OUTPUT_TIFF_TILE, OUTPUT_TIFF_TILE) if tiled else None)
+                         tile=(OUTPUT_TIFF_TILE, OUTPUT_TIFF_TILE) if tiled else None, **options)
 
 
 class PngMaskWriter(MaskWriter):
-    def _write(self, path, bands, shape, dtype, streamed):
+    def _write(self, path, bands, shape, dtype, streamed, pixel_size):
         import imageio.v3 as iio
 
         if dtype == np.int32:
@@ -94,3 +118,17 @@ def mask_writer(output_folder, image_name):
     """The writer for the mask of `image_name` in `output_folder`, chosen by the mask's extension."""
     path = output_path(output_folder, image_name)
     return WRITERS[os.path.splitext(path)[1].lower()](path)
+
+
+def probabilities_path(output_folder, image_name):
+    """`<stem>_probabilities.tif` beside the mask (`.ome.tif` for an OME-TIFF image)."""
+    name = os.path.basename(image_name)
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return os.path.join(output_folder, name[:-len(suffix)] + "_probabilities.ome.tif")
+    return os.path.join(output_folder, os.path.splitext(name)[0] + "_probabilities.tif")
+
+
+def probabilities_writer(output_folder, image_name):
+    """The writer of an image's probability map: one uint8 channel per class (255 = probability 1)."""
+    return TiffMaskWriter(probabilities_path(output_folder, image_name))

@@ -2,8 +2,8 @@
 
     grid = tiling.tile_grid(height, width, tile_size, radius)
     tiles = tile_probabilities(source, grid, predict, mean, std, batch_size)
-    for band in assemble_bands(tiles, grid, width, argmax_labels, np.uint8):
-        ...                                     # full-width rows of the mask, top to bottom
+    for start, (mask,) in assemble_bands(tiles, grid, width, [Output(argmax_labels, np.uint8)]):
+        ...                                     # full-width rows of the mask, from row `start`
 
 As in nnU-Net, the model's output (the softmax) comes out of the loop whole and the caller decides
 how to reduce it: the argmax for a mask, an average over flips for test-time augmentation, scaled
@@ -70,30 +70,73 @@ def argmax_labels(probabilities):
     return np.argmax(probabilities, axis=-1)
 
 
-def assemble_bands(tiles, grid, width, reduce, dtype):
-    """Paste `reduce(probabilities)` of every tile into full-width bands, one per row of tiles.
+def quantised_probabilities(probabilities):
+    """The probability map's reduction: every class's probability as uint8, 0 to 255."""
+    return np.rint(probabilities * 255.0).astype(np.uint8)
 
-    Yields each band (rows, width[, ...]) of `dtype` top to bottom, as soon as its last tile is in,
-    so no more than the bands of the tiles of one batch are ever held.
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    """One thing made of the probabilities: a reduction of each tile, stored in bands of `dtype`."""
+
+    reduce: object
+    dtype: object
+
+
+def assemble_bands(tiles, grid, width, outputs):
+    """Paste every output's reduction of every tile into full-width bands, one per row of tiles.
+
+    Yields (first image row, [band of each output]) top to bottom, each band (rows, width[, ...]) of
+    its output's dtype, as soon as the last tile of its row is in: no more than the bands of the
+    tiles of one batch are ever held.
     """
-    bands = {}  # row of tiles -> [band, tiles still to come]
+    bands = {}  # row of tiles -> [first row, [band per output], tiles still to come]
     next_band = 0
     for tile in tiles:
-        values = reduce(tile.probabilities)
+        values = [output.reduce(tile.probabilities) for output in outputs]
         if tile.row not in bands:
-            shape = (tile.y.keep_stop - tile.y.keep_start, width) + values.shape[2:]
-            bands[tile.row] = [np.empty(shape, dtype), len(grid.rows[tile.row])]
-        bands[tile.row][0][:, tile.x.keep_start:tile.x.keep_stop] = values
-        bands[tile.row][1] -= 1
-        while next_band in bands and bands[next_band][1] == 0:
-            yield bands.pop(next_band)[0]
+            rows = tile.y.keep_stop - tile.y.keep_start
+            arrays = [np.empty((rows, width) + value.shape[2:], output.dtype)
+                      for value, output in zip(values, outputs)]
+            bands[tile.row] = [tile.y.keep_start, arrays, len(grid.rows[tile.row])]
+        entry = bands[tile.row]
+        for array, value in zip(entry[1], values):
+            array[:, tile.x.keep_start:tile.x.keep_stop] = value
+        entry[2] -= 1
+        while next_band in bands and bands[next_band][2] == 0:
+            start, arrays, _ = bands.pop(next_band)
+            yield start, arrays
             next_band += 1
 
 
 def segment_bands(source, grid, predict, mean, std, batch_size, dtype):
     """The mask of a source as full-width bands of rows, top to bottom."""
     tiles = tile_probabilities(source, grid, predict, mean, std, batch_size)
-    return assemble_bands(tiles, grid, source.shape[1], argmax_labels, dtype)
+    for _, (mask,) in assemble_bands(tiles, grid, source.shape[1], [Output(argmax_labels, dtype)]):
+        yield mask
+
+
+def dihedral_averaged(predict):
+    """predict averaged over the 8 flips and quarter turns of each batch (test-time augmentation).
+
+    Each view is predicted and turned back before the average, so the result is aligned with the
+    input; the eight passes run one after another and hold no more memory than one. Tiles are
+    multiples of the size factor on both sides, so every view sees the same pooling grid.
+    """
+    def averaged(batch):
+        batch = np.asarray(batch)
+        total = None
+        for turns in range(4):
+            for flip in (False, True):
+                view = np.rot90(batch, turns, axes=(1, 2))
+                view = view[:, :, ::-1] if flip else view
+                probabilities = np.asarray(predict(np.ascontiguousarray(view)))
+                probabilities = probabilities[:, :, ::-1] if flip else probabilities
+                probabilities = np.rot90(probabilities, -turns, axes=(1, 2))
+                total = probabilities.astype(np.float32) if total is None else total + probabilities
+        return total / 8.0
+
+    return averaged
 
 
 def segment_array(image, predict, metadata, tile_size, batch_size=1):

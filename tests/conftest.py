@@ -1,6 +1,53 @@
+"""Shared by the tests: the repository root on sys.path, tiny exported models, a real image mosaic."""
+
 import os
 import sys
+
+import numpy as np
+import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
+DATA_IMAGES = os.path.join(REPO_ROOT, "data", "images")
+# one layer per block, growth 2, 8 first filters: a radius of 96 pixels, a forward pass in milliseconds
+TINY = dict(variant=None, layers_per_block=1, growth_rate=2, first_filters=8)
+
+
+def export_tiny_model(path, number_channels, number_classes, seed):
+    import keras
+
+    import fcdensenet
+    import saved_model
+
+    keras.utils.set_random_seed(seed)
+    model = fcdensenet.build_model(number_channels=number_channels, number_classes=number_classes, **TINY)
+    saved_model.export_saved_model(model, path)
+    return saved_model.load_saved_model(path)
+
+
+@pytest.fixture(scope="session")
+def gray_model(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("models") / "gray")
+    predict, metadata = export_tiny_model(path, number_channels=1, number_classes=2, seed=1)
+    return path, predict, metadata
+
+
+@pytest.fixture(scope="session")
+def rgb_model(tmp_path_factory):
+    # 300 classes: the masks need uint16
+    path = str(tmp_path_factory.mktemp("models") / "rgb")
+    predict, metadata = export_tiny_model(path, number_channels=3, number_classes=300, seed=2)
+    return path, predict, metadata
+
+
+@pytest.fixture(scope="session")
+def mosaic():
+    """About 1500x1100 pixels of real uint16 phase-contrast images side by side."""
+    import tifffile
+
+    names = sorted(os.listdir(DATA_IMAGES))[:30]
+    images = [tifffile.imread(os.path.join(DATA_IMAGES, name)) for name in names]
+    return np.block([[images[5 * row + column] for column in range(5)] for row in range(6)])[:1500, :1100]
+
+

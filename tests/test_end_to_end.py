@@ -6,7 +6,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import tifffile
+
+pytestmark = pytest.mark.slow  # real models / worker processes / scripts
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGES = os.path.join(REPO_ROOT, "data", "images")

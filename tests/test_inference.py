@@ -1,10 +1,9 @@
 """inference_fcdensenet.py: exact tiling, every pixel type and layout, output files, bad input.
 
-The models are tiny untrained FC-DenseNets (one layer per block, growth 2, 8 first filters) exported
-once per module with saved_model.export_saved_model, which measures their radius (96 pixels).
+The models (fixtures in conftest.py) are tiny untrained FC-DenseNets exported with
+saved_model.export_saved_model, which measures their radius (96 pixels).
 """
 
-import argparse
 import os
 import subprocess
 import sys
@@ -22,45 +21,6 @@ import tiling
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, "inference_fcdensenet.py")
-DATA_IMAGES = os.path.join(REPO_ROOT, "data", "images")
-TINY = dict(variant=None, layers_per_block=1, growth_rate=2, first_filters=8)
-
-
-def export_tiny_model(path, number_channels, number_classes, seed):
-    import keras
-
-    import fcdensenet
-    import saved_model
-
-    keras.utils.set_random_seed(seed)
-    model = fcdensenet.build_model(number_channels=number_channels, number_classes=number_classes, **TINY)
-    saved_model.export_saved_model(model, path)
-    return saved_model.load_saved_model(path)
-
-
-@pytest.fixture(scope="module")
-def gray_model(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("models") / "gray")
-    predict, metadata = export_tiny_model(path, number_channels=1, number_classes=2, seed=1)
-    return path, predict, metadata
-
-
-@pytest.fixture(scope="module")
-def rgb_model(tmp_path_factory):
-    # 300 classes: the masks need uint16
-    path = str(tmp_path_factory.mktemp("models") / "rgb")
-    predict, metadata = export_tiny_model(path, number_channels=3, number_classes=300, seed=2)
-    return path, predict, metadata
-
-
-@pytest.fixture(scope="module")
-def mosaic():
-    """About 1500x1100 pixels of real uint16 phase-contrast images side by side."""
-    names = sorted(os.listdir(DATA_IMAGES))[:30]
-    images = [tifffile.imread(os.path.join(DATA_IMAGES, name)) for name in names]
-    return np.block([[images[5 * row + column] for column in range(5)] for row in range(6)])[:1500, :1100]
-
-
 def run_script(*args):
     return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=300)
 
@@ -291,11 +251,13 @@ def test_streamed_tiff_with_rectangular_tiles_equals_the_in_memory_mask(gray_mod
     assert grid.tile_shape[0] != grid.tile_shape[1] and len(grid.rows) > 1
     path = str(tmp_path / "slide.tif")
     tifffile.imwrite(path, image, tile=(128, 128), compression="zlib")
-    settings = argparse.Namespace(tile_size=512, batch_size=4, streaming_megapixels=0.1)
+    settings = inference.parse_args(["--saved_model_filepath", "unused", "--image_folder", str(tmp_path),
+                                      "--output_folder", str(tmp_path), "--tile_size", "512", "--batch_size", "4",
+                                      "--streaming_megapixels", "0.1"])
     source = image_sources.open_source(path, settings.streaming_megapixels)
     assert isinstance(source, image_sources.TiffSource)  # read band by band, not whole
     source.close()
-    inference.segment_file(path, str(tmp_path), predict, metadata, settings)  # replaces slide.tif
+    inference.segment_file(path, predict, metadata, settings)  # replaces slide.tif
     streamed = tifffile.imread(path)
     assert np.array_equal(streamed, segmentation.segment_array(image, predict, metadata, 512, batch_size=4))
 
