@@ -28,7 +28,6 @@ is built) and the result is validated with them before it is listed; the input i
 
 import dataclasses
 import json
-import math
 import os
 import re
 import shutil
@@ -89,38 +88,44 @@ def _open_group(path):
         raise _fail(path, f"not a zarr group ({type(error).__name__})") from None
 
 
+def _first_dict(value):
+    """The first entry of a JSON list when it is an object, else None."""
+    return value[0] if isinstance(value, list) and value and isinstance(value[0], dict) else None
+
+
 def _multiscale(path, group):
-    """(NGFF version, first multiscales entry) of an image group, or ImageFileError."""
+    """(NGFF version, first multiscales entry) of an image group, or ImageFileError.
+
+    NGFF 0.5 keeps its metadata under attributes["ome"], its version beside "multiscales"; NGFF 0.4
+    keeps "multiscales" at the top of .zattrs, the version inside each multiscale.
+    """
     attributes = group.attrs.asdict()
     zarr_format = group.metadata.zarr_format
     if zarr_format == 3:
-        ome = attributes.get("ome")
-        metadata = ome if isinstance(ome, dict) else {}
+        metadata = attributes.get("ome") if isinstance(attributes.get("ome"), dict) else {}
         version = metadata.get("version")
     else:
         metadata = attributes
-        multiscales = attributes.get("multiscales")
-        version = multiscales[0].get("version") if isinstance(multiscales, list) and multiscales \
-            and isinstance(multiscales[0], dict) else None
-    multiscales = metadata.get("multiscales")
-    if not isinstance(multiscales, list) or not multiscales or not isinstance(multiscales[0], dict):
+        version = (_first_dict(attributes.get("multiscales")) or {}).get("version")
+    multiscale = _first_dict(metadata.get("multiscales"))
+    if multiscale is None:
         other = [key for key in ("plate", "well", "bioformats2raw.layout", "labels") if key in metadata]
         hint = f" (it holds '{other[0]}' metadata: open one of its images)" if other else ""
         raise _fail(path, f"not an OME-Zarr image: no multiscales metadata{hint}")
     if ZARR_FORMATS.get(version) != zarr_format:
         raise _fail(path, f"NGFF version {version!r} on Zarr v{zarr_format} is not supported "
                           "(NGFF 0.4 on Zarr v2 or NGFF 0.5 on Zarr v3)")
-    return version, multiscales[0]
+    return version, multiscale
 
 
 def _axis_names(path, multiscale, ndim):
+    """Lower-case axis names and the axes metadata, checked against the array's dimensions."""
     axes = multiscale.get("axes")
     if not isinstance(axes, list) or len(axes) != ndim:
         raise _fail(path, f"multiscales axes {axes!r} do not match the {ndim} dimensions of the array")
-    names = [axis.get("name") if isinstance(axis, dict) else axis for axis in axes]
-    if not all(isinstance(name, str) for name in names):
-        raise _fail(path, f"multiscales axes without names: {axes!r}")
-    return [name.lower() for name in names], axes
+    if not all(isinstance(axis, dict) and isinstance(axis.get("name"), str) for axis in axes):
+        raise _fail(path, f"multiscales axes are not objects with names: {axes!r}")
+    return [axis["name"].lower() for axis in axes], axes
 
 
 def _check_layout(path, names, shape):
@@ -436,6 +441,8 @@ def label_target(source, label_name=DEFAULT_LABEL_NAME, output_folder=None):
     check_label_name(label_name)
     if output_folder is None:
         labels = os.path.join(source.path, "labels")
+        if os.path.exists(labels) and not os.path.isdir(labels):
+            raise _fail(labels, "is not a labels group folder")
         if not _writable(labels if os.path.isdir(labels) else source.path):
             raise _fail(source.path, "the image zarr is read-only: use --output_folder to write the "
                                      "labels elsewhere")

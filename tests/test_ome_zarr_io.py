@@ -4,8 +4,6 @@ NGFF label images written from a mask validated with ome-zarr-models.
 Images are small (300x200) with 64x64 chunks, so every read crosses chunk boundaries.
 """
 
-import glob
-import json
 import os
 import signal
 import subprocess
@@ -75,8 +73,9 @@ def bands_of(mask, rows=37):
 
 
 def listing(image_path):
-    return zarr.open_group(os.path.join(image_path, "labels"), mode="r").attrs.asdict().get(
-        "ome", zarr.open_group(os.path.join(image_path, "labels"), mode="r").attrs.asdict())["labels"]
+    """The names in the image's labels listing (NGFF 0.5 keeps it under 'ome')."""
+    attributes = zarr.open_group(os.path.join(image_path, "labels"), mode="r").attrs.asdict()
+    return attributes.get("ome", attributes)["labels"]
 
 
 def leftovers(folder):
