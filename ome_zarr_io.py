@@ -80,6 +80,8 @@ def _fail(path, problem):
 def _open_group(path):
     import zarr
 
+    if not os.path.exists(path):
+        raise _fail(path, "does not exist")
     if not os.path.isdir(path):
         raise _fail(path, "not a directory (an OME-Zarr image is a .zarr folder)")
     try:

@@ -203,6 +203,12 @@ def test_a_zarr_that_is_not_an_ome_zarr_image_is_refused(tmp_path, zarr_format):
     with pytest.raises(image_files.ImageFileError) as error:
         ome_zarr_io.ZarrSource.open(path)
     assert one_line(error).startswith(path) and "not an OME-Zarr image" in str(error.value)
+    group.attrs["multiscales"] = [{"version": "0.3", "axes": ["y", "x"], "datasets": [{"path": "0"}]}]
+    if zarr_format == 3:
+        group.attrs["ome"] = {"version": "0.6", "multiscales": group.attrs["multiscales"]}
+    with pytest.raises(image_files.ImageFileError) as error:
+        ome_zarr_io.ZarrSource.open(path)
+    assert one_line(error).startswith(path) and "is not supported" in str(error.value)
     os.makedirs(tmp_path / "empty.zarr")
     with pytest.raises(image_files.ImageFileError) as error:
         ome_zarr_io.ZarrSource.open(str(tmp_path / "empty.zarr"))
@@ -282,9 +288,15 @@ def test_interrupted_write_leaves_listing_and_old_label_and_replacing_works(tmp_
     path = write_ome_zarr(tmp_path / "image.zarr", np.ones((HEIGHT, WIDTH), np.uint16), "yx", version)
     first, second = synthetic_mask(3), (synthetic_mask(3) + 1) % 3
     labels = os.path.join(path, "labels")
+    def watched_bands():  # mid-way: the label is being built under a temporary name, unlisted
+        for index, band in enumerate(failing_bands(first, after=3)):
+            if index == 2:
+                assert listing(path) == [] and leftovers(labels) == [f".fcdensenet.partial-{os.getpid()}"]
+            yield band
+
     with ome_zarr_io.ZarrSource.open(path) as source:
         with pytest.raises(Interrupted):  # first run, no labels yet: none listed afterwards
-            ome_zarr_io.write_labels(source, failing_bands(first, after=3), np.uint8, 3)
+            ome_zarr_io.write_labels(source, watched_bands(), np.uint8, 3)
         assert listing(path) == [] and leftovers(labels) == []
         assert not os.path.exists(os.path.join(labels, "fcdensenet"))
         VALIDATORS[version][0].from_zarr(zarr.open_group(path, mode="r"))  # still a valid image
