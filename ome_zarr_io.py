@@ -155,6 +155,8 @@ class ZarrSource:
         self.layout = _check_layout(path, names, array.shape)
         sizes = dict(zip(names, array.shape))
         self.shape = (sizes["y"], sizes["x"], sizes.get("c", 1))
+        if 0 in self.shape:
+            raise _fail(path, f"empty image ({self.shape[0]}x{self.shape[1]}, {self.shape[2]} channel(s))")
 
     @classmethod
     def open(cls, path):
