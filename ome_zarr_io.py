@@ -1,5 +1,13 @@
 """OME-Zarr images in, NGFF label images out: NGFF 0.4 on Zarr v2 and NGFF 0.5 on Zarr v3.
 
+    for name in list_zarr_images("images"):
+        with ZarrSource.open(os.path.join("images", name)) as source:   # an ImageSource
+            label_target(source, label_name, output_folder)   # refuses a read-only zarr, before any work
+            mean, std = source.statistics()
+            bands = segmentation.segment_bands(source, grid, predict, mean, std, batch_size, dtype)
+            written = write_labels(source, bands, dtype, number_classes, label_name, output_folder)
+            # written.path, written.replaced (an existing label of that name was replaced), .levels
+
 Reading: `ZarrSource` opens the first multiscale of an OME-Zarr image and serves full-width bands of
 rows of its full-resolution level, read chunk by chunk (only the chunks the rows touch), and the
 per-channel normalisation statistics in one streaming pass. Axes come from the metadata: yx, cyx or
@@ -15,11 +23,12 @@ level k is nearest-neighbour subsampled from the stored level k-1: label_k[i, j]
 label_k-1[i * fy, j * fx], with f = round(previous size / size) per axis (so a pyramid that halves
 its height and width gives mask[::2**k, ::2**k]). The model never runs twice.
 
-Atomicity: the label image is built under a temporary name beside its final place, validated with
-ome-zarr-models, renamed into place (an existing one of the same name is moved aside first and
-deleted once the new one is in) and only then added to the `labels` listing, whose metadata file is
-replaced atomically. An interrupted run leaves the listing untouched; its temporary folder is removed
-on the way out or, after a SIGKILL, by the next write into the same folder.
+Atomicity (atomic_files, the project's one way to write safely): the label image is built in a
+hidden staging folder beside its final place, validated with ome-zarr-models, renamed into place (an
+existing one of the same name is parked first and deleted once the new one is in) and only then
+added to the `labels` listing, whose metadata file is replaced atomically. An interrupted run leaves
+the listing untouched; its staging folder is removed on the way out or, after a SIGKILL, by the next
+write of the same label (atomic_files.recover_directory, which also puts back a parked label).
 
 Metadata of what is written is built with ome-zarr-models' pydantic models (so it is checked as it
 is built) and the result is validated with them before it is listed; the input is read leniently
@@ -29,18 +38,16 @@ is built) and the result is validated with them before it is listed; the input i
 import dataclasses
 import json
 import os
-import re
-import shutil
 
 import numpy as np
 
+import atomic_files
 import image_files
+import image_sources
 
 DEFAULT_LABEL_NAME = "fcdensenet"
 # NGFF version -> the Zarr format it is stored in.
 ZARR_FORMATS = {"0.4": 2, "0.5": 3}
-# Pixels (height x width x channels) per block of rows in the streaming statistics pass.
-STATISTICS_BLOCK_PIXELS = 2**22
 # Label chunks copy the image's chunk height and width, up to this: a buffered chunk row of a
 # 16384-pixel-wide int32 mask then stays at 128 MB.
 MAX_LABEL_CHUNK = 2048
@@ -48,7 +55,6 @@ MAX_LABEL_CHUNK = 2048
 PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
            (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
            (0, 128, 128), (170, 110, 40))
-TEMPORARY_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)$")
 
 
 def list_zarr_images(folder):
@@ -140,8 +146,15 @@ def _check_layout(path, names, shape):
     return kept
 
 
-class ZarrSource:
-    """The full-resolution level of an OME-Zarr image, read one band of full-width rows at a time."""
+class ZarrSource(image_sources.ImageSource):
+    """The full-resolution level of an OME-Zarr image, read one band of full-width rows at a time.
+
+    An image_sources.ImageSource: `path`, `shape` (height, width, channels), rows(), statistics()
+    (streamed over whole chunk rows), close(), a context manager; `streamed` is True: the image is
+    never held whole. For the label writer: `ngff_version`, `axes`, `axis_names`, `levels`.
+    """
+
+    streamed = True
 
     def __init__(self, path, version, array, names, axes, levels, global_transforms=None):
         self.path = path
@@ -203,38 +216,15 @@ class ZarrSource:
             band = np.moveaxis(band, 0, -1)
         return image_files.as_supported_image(band, self.path)
 
-    def statistics(self):
-        """Per-channel mean and population std of the float32 image, in one pass over row blocks.
-
-        Blocks are whole chunk rows, so each chunk is decoded once; per-block mean and sum of squared
-        deviations (M2) are merged with Chan et al.'s pairwise update, which stays exact in float64
-        where a running sum of squares would cancel.
-        """
-        height, width, channels = self.shape
+    def statistics_rows(self):
+        """Rows per block of the statistics pass (ImageSource.statistics): whole chunk rows of about
+        STATISTICS_BLOCK_PIXELS values, so each chunk is decoded once."""
         chunk_height = self.array.chunks[self.axis_names.index("y")]
-        step = max(1, STATISTICS_BLOCK_PIXELS // (width * channels * chunk_height)) * chunk_height
-        count, mean, m2 = 0, np.zeros(channels), np.zeros(channels)
-        for start in range(0, height, step):
-            block = self.rows(start, min(start + step, height)).astype(np.float32)
-            block_count = block.shape[0] * block.shape[1]
-            block_mean = block.mean(axis=(0, 1), dtype=np.float64)
-            block_m2 = np.square(block - block_mean.astype(np.float32), dtype=np.float64).sum(axis=(0, 1))
-            delta = block_mean - mean
-            total = count + block_count
-            mean = mean + delta * block_count / total
-            m2 = m2 + block_m2 + delta**2 * count * block_count / total
-            count = total
-        return mean, np.sqrt(m2 / count)
+        return max(1, super().statistics_rows() // chunk_height) * chunk_height
 
     def close(self):
         # zarr's local store holds no open file between reads; dropping the array is enough.
         self.array = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
 
 
 def _label_transforms(transforms, names):
@@ -394,10 +384,11 @@ def _downsample(previous, array):
 
 
 def build_label_image(path, source, bands, dtype, number_classes, name, source_image):
-    """Write a complete, validated label image as a new zarr group at `path`; returns its level count."""
+    """Write a complete, validated label image as a zarr group in the empty folder `path`; returns
+    its level count."""
     import zarr
 
-    group = zarr.open_group(path, mode="w-", zarr_format=ZARR_FORMATS[source.ngff_version])
+    group = zarr.open_group(path, mode="w", zarr_format=ZARR_FORMATS[source.ngff_version])
     arrays = _create_levels(group, source, np.dtype(dtype))
     _write_full_resolution(arrays[0], bands, np.dtype(dtype), source.path)
     for previous, array in zip(arrays, arrays[1:]):
@@ -476,20 +467,6 @@ def _metadata_file(folder, version):
     return os.path.join(folder, "zarr.json" if version == "0.5" else ".zattrs")
 
 
-def write_json_atomically(path, document):
-    """Write JSON under a temporary name and rename it over `path`: readers see old or new, whole."""
-    temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial-{os.getpid()}")
-    try:
-        with open(temporary, "w") as handle:
-            json.dump(document, handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
 def _read_labels_listing(folder, version):
     """(metadata document, listed names) of a labels group; an empty group's when it has none."""
     path = _metadata_file(folder, version)
@@ -516,47 +493,8 @@ def _write_labels_listing(folder, version, document, listing):
         document["labels"] = listing
         group_file = os.path.join(folder, ".zgroup")
         if not os.path.exists(group_file):
-            write_json_atomically(group_file, {"zarr_format": 2})
-    write_json_atomically(_metadata_file(folder, version), document)
-
-
-def _clean_stale(folder, name):
-    """Remove what runs killed while writing `name` left behind; put back a label image moved aside
-    by a run killed between its two renames."""
-    for entry in os.listdir(folder):
-        match = TEMPORARY_NAME.match(entry)
-        if not match or match["name"] != name or _process_alive(int(match["pid"])):
-            continue
-        stale, target = os.path.join(folder, entry), os.path.join(folder, name)
-        if match["kind"] == "old" and not os.path.exists(target):
-            os.rename(stale, target)
-        else:
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-def _process_alive(pid):
-    if pid == os.getpid():
-        return False  # our own leftovers from an earlier, failed call
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _swap_in(temporary, target):
-    """Rename the complete new label image onto target; an old one is moved aside, then deleted."""
-    if not os.path.exists(target):
-        os.rename(temporary, target)
-        return False
-    folder, name = os.path.split(target)
-    old = os.path.join(folder, f".{name}.old-{os.getpid()}")
-    os.rename(target, old)
-    os.rename(temporary, target)
-    shutil.rmtree(old)
-    return True
+            atomic_files.write_text(group_file, json.dumps({"zarr_format": 2}))
+    atomic_files.write_text(_metadata_file(folder, version), json.dumps(document, indent=2))
 
 
 def write_labels(source, bands, dtype, number_classes, label_name=DEFAULT_LABEL_NAME, output_folder=None):
@@ -580,13 +518,11 @@ def write_labels(source, bands, dtype, number_classes, label_name=DEFAULT_LABEL_
     else:
         os.makedirs(folder, exist_ok=True)
         source_image = os.path.relpath(os.path.abspath(source.path), os.path.abspath(target))
-    _clean_stale(folder, name)
-    temporary = os.path.join(folder, f".{name}.partial-{os.getpid()}")
-    try:
-        levels = build_label_image(temporary, source, bands, dtype, number_classes, label_name, source_image)
-        replaced = _swap_in(temporary, target)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+    # Runs killed mid-way left a staging folder, or the previous label parked between two renames.
+    atomic_files.recover_directory(target)
+    replaced = os.path.exists(target)
+    with atomic_files.replacing_directory(target) as staging:
+        levels = build_label_image(staging, source, bands, dtype, number_classes, label_name, source_image)
     if output_folder is not None:
         return LabelsWritten(target, replaced, levels)
     document, listing = _read_labels_listing(folder, version)

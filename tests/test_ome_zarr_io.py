@@ -23,6 +23,7 @@ from ome_zarr_models.v05.image_label import ImageLabel as ImageLabel05
 from ome_zarr_models.v05.labels import Labels as Labels05
 
 import image_files
+import image_sources
 import ome_zarr_io
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,7 +80,7 @@ def listing(image_path):
 
 
 def leftovers(folder):
-    return [name for name in os.listdir(folder) if ".partial-" in name or ".old-" in name]
+    return [name for name in os.listdir(folder) if ".tmp-" in name or ".old-" in name]
 
 
 def one_line(error):
@@ -120,7 +121,7 @@ def test_rows_and_statistics_equal_the_array_written(tmp_path, rng, monkeypatch,
     path = write_ome_zarr(tmp_path / "image.zarr", data, axes, version)
     expected = as_hwc(data, axes)
     # small statistics blocks: several blocks of whole chunk rows are merged
-    monkeypatch.setattr(ome_zarr_io, "STATISTICS_BLOCK_PIXELS", 3 * CHUNK * WIDTH * expected.shape[2])
+    monkeypatch.setattr(image_sources, "STATISTICS_BLOCK_PIXELS", 3 * CHUNK * WIDTH * expected.shape[2])
     with ome_zarr_io.ZarrSource.open(path) as source:
         assert source.shape == expected.shape and source.ngff_version == version
         assert len(source.levels) == 3 and source.levels[1].height == HEIGHT // 2
@@ -291,7 +292,7 @@ def test_interrupted_write_leaves_listing_and_old_label_and_replacing_works(tmp_
     def watched_bands():  # mid-way: the label is being built under a temporary name, unlisted
         for index, band in enumerate(failing_bands(first, after=3)):
             if index == 2:
-                assert listing(path) == [] and leftovers(labels) == [f".fcdensenet.partial-{os.getpid()}"]
+                assert listing(path) == [] and leftovers(labels) == [f".fcdensenet.tmp-{os.getpid()}"]
             yield band
 
     with ome_zarr_io.ZarrSource.open(path) as source:
@@ -343,7 +344,7 @@ def test_sigkill_mid_write_leaves_no_listed_label_and_the_next_run_cleans_up(tmp
     assert os.path.exists(ready), "the writer never got to its second band"
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
-    assert leftovers(labels) == [f".fcdensenet.partial-{process.pid}"]  # what SIGKILL leaves
+    assert leftovers(labels) == [f".fcdensenet.tmp-{process.pid}"]  # what SIGKILL leaves
     assert listing(path) == ["fcdensenet"]
     np.testing.assert_array_equal(zarr.open_array(os.path.join(labels, "fcdensenet", "0"))[:], synthetic_mask(2))
     Labels05.from_zarr(zarr.open_group(labels, mode="r"))
@@ -455,36 +456,46 @@ def tiny_model(tmp_path_factory):
     import keras
 
     import fcdensenet
+    import saved_model
 
     keras.utils.set_random_seed(3)
     model = fcdensenet.build_model(number_channels=1, number_classes=3, variant=None, layers_per_block=1,
                                    growth_rate=2, first_filters=8)
     path = str(tmp_path_factory.mktemp("models") / "gray")
-    fcdensenet.export_saved_model(model, path)
-    return fcdensenet.load_saved_model(path)
+    saved_model.export_saved_model(model, path)
+    return saved_model.load_saved_model(path)
 
 
 @pytest.mark.parametrize("version", ["0.4", "0.5"])
 def test_labels_equal_the_mask_inference_writes_for_the_tiff(tmp_path, tiny_model, version):
+    import argparse
+
     import tifffile
 
     import inference_fcdensenet as inference
+    import segmentation
+    import tiling
 
     predict, metadata = tiny_model
     height, width = 2 * HEIGHT, 2 * WIDTH  # more than one 288x288 tile
     rows, columns = np.mgrid[0:height, 0:width]
     image = (1000 + 800 * np.sin(rows / 9.0) * np.cos(columns / 13.0) + (rows * columns) % 251).astype(np.uint16)
-    tiff = str(tmp_path / "image.tif")
+    os.makedirs(tmp_path / "images")
+    os.makedirs(tmp_path / "masks")  # main() creates it
+    tiff = str(tmp_path / "images" / "image.tif")
     tifffile.imwrite(tiff, image)
-    tile_size = inference.check_tile_size(288, metadata["radius"], metadata["size_factor"])  # several tiles
-    expected = inference.segment_array(image_files.read_image(tiff), predict, metadata, tile_size)
+    tile_size = tiling.check_tile_size(288, metadata["radius"], metadata["size_factor"])
+    args = argparse.Namespace(tile_size=tile_size, batch_size=0, streaming_megapixels=64.0)
+    inference.segment_file(tiff, str(tmp_path / "masks"), predict, metadata, args)  # the TIFF path
+    expected = tifffile.imread(str(tmp_path / "masks" / "image.tif"))
     path = write_ome_zarr(tmp_path / "image.zarr", image, "yx", version)
-    with ome_zarr_io.ZarrSource.open(path) as source:
-        grid = inference.tile_grid(height, width, tile_size, metadata["radius"], metadata["size_factor"])
+    with ome_zarr_io.ZarrSource.open(path) as source:  # the same steps, from the zarr
+        grid = tiling.tile_grid(height, width, tile_size, metadata["radius"], metadata["size_factor"])
         assert grid.tile_count > 1
         mean, std = source.statistics()
-        dtype = inference.mask_dtype(metadata["number_classes"])
-        bands = inference.segment_bands(source, grid, predict, mean, std, 1, dtype)
+        dtype = image_files.mask_dtype(metadata["number_classes"] - 1)
+        batch_size = tiling.tiles_per_batch(0, grid.tile_shape, tile_size)
+        bands = segmentation.segment_bands(source, grid, predict, mean, std, batch_size, dtype)
         written = ome_zarr_io.write_labels(source, bands, dtype, metadata["number_classes"])
     np.testing.assert_array_equal(zarr.open_array(os.path.join(written.path, "0"))[:], expected)
     assert len(np.unique(expected)) > 1
