@@ -1,0 +1,532 @@
+"""OME-Zarr images in, NGFF label images out: NGFF 0.4 on Zarr v2 and NGFF 0.5 on Zarr v3.
+
+    for name in list_zarr_images("images"):
+        with ZarrSource.open(os.path.join("images", name)) as source:   # an ImageSource
+            label_target(source, label_name, output_folder)   # refuses a read-only zarr, before any work
+            mean, std = source.statistics()
+            bands = segmentation.segment_bands(source, grid, predict, mean, std, batch_size, dtype)
+            written = write_labels(source, bands, dtype, number_classes, label_name, output_folder)
+            # written.path, written.replaced (an existing label of that name was replaced), .levels
+
+Reading: `ZarrSource` opens the first multiscale of an OME-Zarr image and serves full-width bands of
+rows of its full-resolution level, read chunk by chunk (only the chunks the rows touch), and the
+per-channel normalisation statistics in one streaming pass. Axes come from the metadata: yx, cyx or
+yxc, with t and z accepted when of size 1.
+
+Writing: `write_labels` turns the bands of a mask, top to bottom, into an NGFF label image of the
+image's NGFF version, either inside the image (`labels/<name>`) or, with an output folder, as
+`<output_folder>/<stem>.zarr` whose `image-label.source.image` points back at the image. Its axes are
+the image's without the channel axis (t and z of size 1 are kept), and it has one level per image
+level, of the same height and width, with the image level's coordinate transformations, so it
+overlays the image level by level. Level 0 is written band by band, whole chunk rows at a time;
+level k is nearest-neighbour subsampled from the stored level k-1: label_k[i, j] =
+label_k-1[i * fy, j * fx], with f = round(previous size / size) per axis (so a pyramid that halves
+its height and width gives mask[::2**k, ::2**k]). The model never runs twice.
+
+Atomicity (atomic_files, the project's one way to write safely): the label image is built in a
+hidden staging folder beside its final place, validated with ome-zarr-models, renamed into place (an
+existing one of the same name is parked first and deleted once the new one is in) and only then
+added to the `labels` listing, whose metadata file is replaced atomically. An interrupted run leaves
+the listing untouched; its staging folder is removed on the way out or, after a SIGKILL, by the next
+write of the same label (atomic_files.recover_directory, which also puts back a parked label).
+
+Metadata of what is written is built with ome-zarr-models' pydantic models (so it is checked as it
+is built) and the result is validated with them before it is listed; the input is read leniently
+(its own few keys only), since yxc images are not valid for those models.
+"""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+import atomic_files
+import image_files
+import image_sources
+
+DEFAULT_LABEL_NAME = "fcdensenet"
+# NGFF version -> the Zarr format it is stored in.
+ZARR_FORMATS = {"0.4": 2, "0.5": 3}
+# Label chunks copy the image's chunk height and width, up to this: a buffered chunk row of a
+# 16384-pixel-wide int32 mask then stays at 128 MB.
+MAX_LABEL_CHUNK = 2048
+# Twelve well-separated colours for the first classes (background 0 is transparent).
+PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+           (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
+           (0, 128, 128), (170, 110, 40))
+
+
+def list_zarr_images(folder):
+    """Sorted names of the `*.zarr` directories in `folder` (case-insensitive extension)."""
+    if not os.path.isdir(folder):
+        raise image_files.ImageFileError(f"{folder}: folder does not exist")
+    return sorted(name for name in os.listdir(folder)
+                  if name.lower().endswith(".zarr") and os.path.isdir(os.path.join(folder, name)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+@dataclasses.dataclass(frozen=True)
+class Level:
+    """One resolution level of the image: its array path, height and width, and its
+    coordinateTransformations (a list of dicts) restricted to the label axes."""
+
+    path: str
+    height: int
+    width: int
+    transforms: list
+
+
+def _fail(path, problem):
+    return image_files.ImageFileError(f"{path}: {problem}")
+
+
+def _open_group(path):
+    import zarr
+
+    if not os.path.exists(path):
+        raise _fail(path, "does not exist")
+    if not os.path.isdir(path):
+        raise _fail(path, "not a directory (an OME-Zarr image is a .zarr folder)")
+    try:
+        return zarr.open_group(path, mode="r")
+    except Exception as error:  # zarr raises several types for a folder that is no zarr group
+        raise _fail(path, f"not a zarr group ({type(error).__name__})") from None
+
+
+def _first_dict(value):
+    """The first entry of a JSON list when it is an object, else None."""
+    return value[0] if isinstance(value, list) and value and isinstance(value[0], dict) else None
+
+
+def _multiscale(path, group):
+    """(NGFF version, first multiscales entry) of an image group, or ImageFileError.
+
+    NGFF 0.5 keeps its metadata under attributes["ome"], its version beside "multiscales"; NGFF 0.4
+    keeps "multiscales" at the top of .zattrs, the version inside each multiscale.
+    """
+    attributes = group.attrs.asdict()
+    zarr_format = group.metadata.zarr_format
+    if zarr_format == 3:
+        metadata = attributes.get("ome") if isinstance(attributes.get("ome"), dict) else {}
+        version = metadata.get("version")
+    else:
+        metadata = attributes
+        version = (_first_dict(attributes.get("multiscales")) or {}).get("version")
+    multiscale = _first_dict(metadata.get("multiscales"))
+    if multiscale is None:
+        other = [key for key in ("plate", "well", "bioformats2raw.layout", "labels") if key in metadata]
+        hint = f" (it holds '{other[0]}' metadata: open one of its images)" if other else ""
+        raise _fail(path, f"not an OME-Zarr image: no multiscales metadata{hint}")
+    if ZARR_FORMATS.get(version) != zarr_format:
+        raise _fail(path, f"NGFF version {version!r} on Zarr v{zarr_format} is not supported "
+                          "(NGFF 0.4 on Zarr v2 or NGFF 0.5 on Zarr v3)")
+    return version, multiscale
+
+
+def _axis_names(path, multiscale, ndim):
+    """Lower-case axis names and the axes metadata, checked against the array's dimensions."""
+    axes = multiscale.get("axes")
+    if not isinstance(axes, list) or len(axes) != ndim:
+        raise _fail(path, f"multiscales axes {axes!r} do not match the {ndim} dimensions of the array")
+    if not all(isinstance(axis, dict) and isinstance(axis.get("name"), str) for axis in axes):
+        raise _fail(path, f"multiscales axes are not objects with names: {axes!r}")
+    return [axis["name"].lower() for axis in axes], axes
+
+
+def _check_layout(path, names, shape):
+    """The image axes without t and z of size 1 must read yx, cyx or yxc."""
+    kept = "".join(name for name, size in zip(names, shape) if not (name in ("t", "z") and size == 1))
+    if kept not in ("yx", "cyx", "yxc"):
+        described = ", ".join(f"{name}={size}" for name, size in zip(names, shape))
+        raise _fail(path, f"unsupported axes {''.join(names)} ({described}): expected yx, cyx or yxc, "
+                          "with t and z only of size 1")
+    return kept
+
+
+class ZarrSource(image_sources.ImageSource):
+    """The full-resolution level of an OME-Zarr image, read one band of full-width rows at a time.
+
+    An image_sources.ImageSource: `path`, `shape` (height, width, channels), rows(), statistics()
+    (streamed over whole chunk rows), close(), a context manager; `streamed` is True: the image is
+    never held whole. For the label writer: `ngff_version`, `axes`, `axis_names`, `levels`.
+    """
+
+    streamed = True
+
+    def __init__(self, path, version, array, names, axes, levels, global_transforms=None):
+        self.path = path
+        self.ngff_version = version
+        self.array = array
+        self.axis_names = names          # of the image array, e.g. ['t', 'c', 'z', 'y', 'x']
+        self.axes = axes                 # the image's axes metadata (list of dicts)
+        self.levels = levels             # tuple of Level, full resolution first
+        # The multiscale's own coordinateTransformations (applied after each level's), label axes only.
+        self.global_transforms = global_transforms
+        self.layout = _check_layout(path, names, array.shape)
+        sizes = dict(zip(names, array.shape))
+        self.shape = (sizes["y"], sizes["x"], sizes.get("c", 1))
+        if 0 in self.shape:
+            raise _fail(path, f"empty image ({self.shape[0]}x{self.shape[1]}, {self.shape[2]} channel(s))")
+
+    @classmethod
+    def open(cls, path):
+        """A ZarrSource, or ImageFileError with a one-line message starting with the path."""
+        import zarr
+
+        group = _open_group(path)
+        version, multiscale = _multiscale(path, group)
+        datasets = multiscale.get("datasets")
+        if not isinstance(datasets, list) or not datasets or not all(
+                isinstance(dataset, dict) and isinstance(dataset.get("path"), str) for dataset in datasets):
+            raise _fail(path, "multiscales metadata without datasets paths")
+        arrays = []
+        for dataset in datasets:
+            try:
+                array = group[dataset["path"]]
+            except KeyError:
+                raise _fail(path, f"multiscales dataset '{dataset['path']}' does not exist") from None
+            if not isinstance(array, zarr.Array):
+                raise _fail(path, f"multiscales dataset '{dataset['path']}' is not an array")
+            arrays.append(array)
+        names, axes = _axis_names(path, multiscale, arrays[0].ndim)
+        if len(set(names)) != len(names) or any(array.ndim != len(names) for array in arrays):
+            raise _fail(path, f"axes {''.join(names)} do not match every level's dimensions")
+        levels = _levels(names, datasets, arrays)
+        global_transforms = _label_transforms(multiscale.get("coordinateTransformations"), names) or None
+        return cls(path, version, arrays[0], names, axes, levels, global_transforms)
+
+    @property
+    def label_axes(self):
+        """The image's axes metadata without the channel axis: those of the label image."""
+        return [axis for axis, name in zip(self.axes, self.axis_names) if name != "c"]
+
+    def rows(self, start, stop):
+        """Pixels of rows [start, stop) as (stop - start, width, channels), read chunk-wise."""
+        if not 0 <= start < stop <= self.shape[0]:
+            raise ValueError(f"{self.path}: rows [{start}, {stop}) outside the image's {self.shape[0]} rows")
+        selection = tuple(0 if name in ("t", "z") else slice(start, stop) if name == "y" else slice(None)
+                          for name in self.axis_names)
+        band = np.asarray(self.array[selection])
+        if self.layout == "yx":
+            band = band[:, :, np.newaxis]
+        elif self.layout == "cyx":
+            band = np.moveaxis(band, 0, -1)
+        return image_files.as_supported_image(band, self.path)
+
+    def statistics_rows(self):
+        """Rows per block of the statistics pass (ImageSource.statistics): whole chunk rows of about
+        STATISTICS_BLOCK_PIXELS values, so each chunk is decoded once."""
+        chunk_height = self.array.chunks[self.axis_names.index("y")]
+        return max(1, super().statistics_rows() // chunk_height) * chunk_height
+
+    def close(self):
+        # zarr's local store holds no open file between reads; dropping the array is enough.
+        self.array = None
+
+
+def _label_transforms(transforms, names):
+    """The vector scale and translation transforms of a list, without their channel entry."""
+    keep = [index for index, name in enumerate(names) if name != "c"]
+    kept = []
+    for transform in transforms if isinstance(transforms, list) else []:
+        kind = transform.get("type") if isinstance(transform, dict) else None
+        vector = transform.get(kind) if kind in ("scale", "translation") else None
+        if isinstance(vector, list) and len(vector) == len(names):
+            kept.append({"type": kind, kind: [float(vector[index]) for index in keep]})
+    return kept
+
+
+def _levels(names, datasets, arrays):
+    """Level of every dataset: its y/x size and its transforms without the channel entry."""
+    keep = [index for index, name in enumerate(names) if name != "c"]
+    y, x = names.index("y"), names.index("x")
+    base = arrays[0].shape
+    levels = []
+    for dataset, array in zip(datasets, arrays):
+        transforms = _label_transforms(dataset.get("coordinateTransformations"), names)
+        if not transforms or transforms[0]["type"] != "scale":
+            # No usable vector scale (absent, or stored by path): the level's factor to level 0.
+            factor = {y: base[y] / array.shape[y], x: base[x] / array.shape[x]}
+            transforms = [{"type": "scale", "scale": [factor.get(i, 1.0) for i in keep]}]
+        levels.append(Level(dataset["path"], array.shape[y], array.shape[x], transforms))
+    return tuple(levels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing: metadata
+
+def label_colors(number_classes):
+    """One distinct RGBA colour per class: 0 transparent, then PALETTE, then colours spread over the
+    24-bit RGB cube (multiplying by an odd constant is a bijection modulo 2**24), skipping repeats."""
+    colors, used = [(0, 0, 0, 0)], set()
+    for value in range(1, number_classes):
+        if value <= len(PALETTE):
+            rgb = PALETTE[value - 1]
+        else:
+            code = (value * 0x9E3779) % (1 << 24)
+            while (code >> 16, (code >> 8) & 255, code & 255) in used:
+                code = (code + 1) % (1 << 24)
+            rgb = (code >> 16, (code >> 8) & 255, code & 255)
+        used.add(rgb)
+        colors.append((*rgb, 255))
+    return colors
+
+
+def label_attributes(source, number_classes, name, source_image):
+    """The label image's group attributes (multiscales and image-label), built with ome-zarr-models."""
+    if source.ngff_version == "0.5":
+        from ome_zarr_models.v05 import axes, image_label, image_label_types, multiscales
+    else:
+        from ome_zarr_models.v04 import axes, image_label, image_label_types, multiscales
+    label_axes = [axes.Axis(**axis) for axis in source.label_axes]
+    datasets = [multiscales.Dataset(path=str(index), coordinateTransformations=level.transforms)
+                for index, level in enumerate(source.levels)]
+    extra = {"version": "0.4"} if source.ngff_version == "0.4" else {}
+    multiscale = multiscales.Multiscale(
+        axes=label_axes, datasets=datasets, coordinateTransformations=source.global_transforms,
+        name=name, type="nearest",
+        metadata={"description": "label_k[i, j] = label_k-1[i * fy, j * fx], f = round(previous size / size)"},
+        **extra)
+    colors = [image_label_types.Color(label_value=value, rgba=rgba)
+              for value, rgba in enumerate(label_colors(number_classes))]
+    label = image_label_types.Label(colors=colors, source=image_label_types.Source(image=source_image),
+                                    version=source.ngff_version)
+    attributes = image_label.ImageLabelAttrs(multiscales=[multiscale], image_label=label, **(
+        {"version": "0.5"} if source.ngff_version == "0.5" else {}))
+    document = attributes.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return {"ome": document} if source.ngff_version == "0.5" else document
+
+
+def validate_label_image(path, version):
+    """Validate a written label image with ome-zarr-models; ValueError naming the path if invalid."""
+    import zarr
+
+    if version == "0.5":
+        from ome_zarr_models.v05.image_label import ImageLabel
+    else:
+        from ome_zarr_models.v04.image_label import ImageLabel
+    try:
+        ImageLabel.from_zarr(zarr.open_group(path, mode="r", zarr_format=ZARR_FORMATS[version]))
+    except Exception as error:  # pydantic and zarr raise many types
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path}: the label image written is not valid NGFF {version}: {first_line}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing: arrays
+
+def _label_chunks(source):
+    """(chunk height, chunk width) of the labels: the image's, at most MAX_LABEL_CHUNK."""
+    chunks = source.array.chunks
+    y, x = source.axis_names.index("y"), source.axis_names.index("x")
+    return min(chunks[y], MAX_LABEL_CHUNK), min(chunks[x], MAX_LABEL_CHUNK)
+
+
+def _create_levels(group, source, dtype):
+    """One empty label array per image level, named 0, 1, ...; leading t/z axes of size 1."""
+    leading = len(source.label_axes) - 2
+    chunk_height, chunk_width = _label_chunks(source)
+    names = [axis["name"] for axis in source.label_axes]
+    options = ({"dimension_names": names} if source.ngff_version == "0.5"
+               else {"chunk_key_encoding": {"name": "v2", "separator": "/"}})  # NGFF 0.4 wants '/'
+    return [group.create_array(str(index), shape=(1,) * leading + (level.height, level.width),
+                               chunks=(1,) * leading + (chunk_height, chunk_width), dtype=dtype,
+                               fill_value=0, **options)
+            for index, level in enumerate(source.levels)]
+
+
+def _chunk_rows(bands, height, width, chunk_height, dtype, path):
+    """Re-cut full-width bands of mask rows into whole chunk rows: (first row, rows) in order."""
+    buffer = np.empty((chunk_height, width), dtype)
+    filled = row = 0
+    for band in bands:
+        band = np.asarray(band)
+        if band.ndim != 2 or band.shape[1] != width or row + filled + len(band) > height:
+            raise ValueError(f"{path}: a mask band of shape {band.shape} does not fit the "
+                             f"{height}x{width} image after {row + filled} rows")
+        used = 0
+        while used < len(band):
+            count = min(chunk_height - filled, len(band) - used)
+            buffer[filled:filled + count] = band[used:used + count]
+            filled, used = filled + count, used + count
+            if filled == chunk_height:
+                yield row, buffer
+                row, filled = row + chunk_height, 0
+    if filled:
+        yield row, buffer[:filled]
+    if row + filled != height:
+        raise ValueError(f"{path}: the mask bands hold {row + filled} rows, the image {height}")
+
+
+def _write_full_resolution(array, bands, dtype, path):
+    leading = (0,) * (array.ndim - 2)
+    height, width = array.shape[-2:]
+    for row, rows in _chunk_rows(bands, height, width, array.chunks[-2], dtype, path):
+        array[leading + (slice(row, row + len(rows)), slice(None))] = rows
+
+
+def _downsample(previous, array):
+    """Nearest-neighbour level from the stored previous one, one chunk row at a time."""
+    leading = (0,) * (array.ndim - 2)
+    (previous_height, previous_width), (height, width) = previous.shape[-2:], array.shape[-2:]
+    factor_y = max(1, round(previous_height / height))
+    factor_x = max(1, round(previous_width / width))
+    columns = np.minimum(np.arange(width) * factor_x, previous_width - 1)
+    step = array.chunks[-2]
+    for start in range(0, height, step):
+        rows = np.minimum(np.arange(start, min(start + step, height)) * factor_y, previous_height - 1)
+        block = np.asarray(previous[leading + (slice(int(rows[0]), int(rows[-1]) + 1), slice(None))])
+        array[leading + (slice(start, start + len(rows)), slice(None))] = \
+            block[rows - rows[0]][:, columns]
+
+
+def build_label_image(path, source, bands, dtype, number_classes, name, source_image):
+    """Write a complete, validated label image as a zarr group in the empty folder `path`; returns
+    its level count."""
+    import zarr
+
+    group = zarr.open_group(path, mode="w", zarr_format=ZARR_FORMATS[source.ngff_version])
+    arrays = _create_levels(group, source, np.dtype(dtype))
+    _write_full_resolution(arrays[0], bands, np.dtype(dtype), source.path)
+    for previous, array in zip(arrays, arrays[1:]):
+        _downsample(previous, array)
+    group.attrs.update(label_attributes(source, number_classes, name, source_image))
+    validate_label_image(path, source.ngff_version)
+    return len(arrays)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing: where, the labels listing, and the atomic commit
+
+@dataclasses.dataclass(frozen=True)
+class LabelsWritten:
+    """What write_labels did: the label image's path, whether it replaced an existing one of that
+    name, how many levels it has, and (inside the image) the labels listing it was added to."""
+
+    path: str
+    replaced: bool
+    levels: int
+    listing: list = None
+
+
+def check_label_name(label_name):
+    """A label name is one plain folder name; ValueError otherwise."""
+    if (not label_name or label_name in (".", "..") or any(c in label_name for c in "/\\")
+            or label_name.startswith((".", "__"))):
+        raise ValueError(f"--label_name {label_name!r}: must be a plain folder name, not starting "
+                         "with '.' or '__' and without '/'")
+    return label_name
+
+
+def _writable(folder):
+    # os.access also answers False on a read-only file system, even for root.
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def label_target(source, label_name=DEFAULT_LABEL_NAME, output_folder=None):
+    """Where write_labels will put the label image, checked before any work is done.
+
+    Inside the image: `<image>/labels/<label_name>`, which needs a writable image zarr.
+    With `output_folder`: `<output_folder>/<stem>.zarr`, which may replace only an earlier label image.
+    ValueError / ImageFileError with a one-line message naming the path otherwise.
+    """
+    check_label_name(label_name)
+    if output_folder is None:
+        labels = os.path.join(source.path, "labels")
+        if os.path.exists(labels) and not os.path.isdir(labels):
+            raise _fail(labels, "is not a labels group folder")
+        if not _writable(labels if os.path.isdir(labels) else source.path):
+            raise _fail(source.path, "the image zarr is read-only: use --output_folder to write the "
+                                     "labels elsewhere")
+        return os.path.join(labels, label_name)
+    stem = os.path.basename(os.path.normpath(source.path))
+    stem = stem[:-len(".zarr")] if stem.lower().endswith(".zarr") else stem
+    target = os.path.join(output_folder, stem + ".zarr")
+    if os.path.realpath(target) == os.path.realpath(source.path):
+        raise _fail(target, "the label image would overwrite its own image: choose another --output_folder")
+    if os.path.exists(target) and not _is_label_image(target):
+        raise _fail(target, "exists and is not a label image: not replaced")
+    folder = output_folder if os.path.isdir(output_folder) else os.path.dirname(os.path.abspath(output_folder))
+    if not _writable(folder):
+        raise _fail(output_folder, "output folder is not writable")
+    return target
+
+
+def _is_label_image(path):
+    try:
+        attributes = _open_group(path).attrs.asdict()
+    except image_files.ImageFileError:
+        return False
+    return "image-label" in attributes.get("ome", attributes)
+
+
+def _metadata_file(folder, version):
+    return os.path.join(folder, "zarr.json" if version == "0.5" else ".zattrs")
+
+
+def _read_labels_listing(folder, version):
+    """(metadata document, listed names) of a labels group; an empty group's when it has none."""
+    path = _metadata_file(folder, version)
+    if not os.path.exists(path):
+        document = {"zarr_format": 3, "node_type": "group", "attributes": {}} if version == "0.5" else {}
+    else:
+        try:
+            with open(path) as handle:
+                document = json.load(handle)
+        except (OSError, ValueError) as error:
+            raise _fail(folder, f"unreadable labels metadata ({error})") from None
+    attributes = document.setdefault("attributes", {}).setdefault("ome", {}) if version == "0.5" else document
+    listing = attributes.get("labels", [])
+    if not isinstance(listing, list):
+        raise _fail(folder, f"labels metadata lists {listing!r}, not a list of names")
+    return document, listing
+
+
+def _write_labels_listing(folder, version, document, listing):
+    if version == "0.5":
+        # ome-zarr-py 0.18 leaves 'version' out of this group; ome-zarr-models rejects it without.
+        document["attributes"]["ome"].update(version="0.5", labels=listing)
+    else:
+        document["labels"] = listing
+        group_file = os.path.join(folder, ".zgroup")
+        if not os.path.exists(group_file):
+            atomic_files.write_text(group_file, json.dumps({"zarr_format": 2}))
+    atomic_files.write_text(_metadata_file(folder, version), json.dumps(document, indent=2))
+
+
+def write_labels(source, bands, dtype, number_classes, label_name=DEFAULT_LABEL_NAME, output_folder=None):
+    """Write the mask given as full-width bands of rows, top to bottom, as an NGFF label image.
+
+    Inside the image zarr (`labels/<label_name>`, added to the labels listing once complete) or, with
+    `output_folder`, as `<output_folder>/<stem>.zarr` pointing back at the image. Returns a
+    LabelsWritten; `.replaced` says whether a label image of that name was replaced. Errors are
+    ValueError / ImageFileError with one line naming the path; the bands are not consumed when the
+    target is refused.
+    """
+    target = label_target(source, label_name, output_folder)
+    folder, name = os.path.split(target)
+    version = source.ngff_version
+    if output_folder is None:
+        document, listing = _read_labels_listing(folder, version)
+        os.makedirs(folder, exist_ok=True)
+        if not os.path.exists(_metadata_file(folder, version)):
+            _write_labels_listing(folder, version, document, listing)
+        source_image = "../../"
+    else:
+        os.makedirs(folder, exist_ok=True)
+        source_image = os.path.relpath(os.path.abspath(source.path), os.path.abspath(target))
+    # Runs killed mid-way left a staging folder, or the previous label parked between two renames.
+    atomic_files.recover_directory(target)
+    replaced = os.path.exists(target)
+    with atomic_files.replacing_directory(target) as staging:
+        levels = build_label_image(staging, source, bands, dtype, number_classes, label_name, source_image)
+    if output_folder is not None:
+        return LabelsWritten(target, replaced, levels)
+    document, listing = _read_labels_listing(folder, version)
+    if name not in listing:
+        listing = listing + [name]
+    _write_labels_listing(folder, version, document, listing)  # also repairs a missing version
+    return LabelsWritten(target, replaced, levels, listing)
