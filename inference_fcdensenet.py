@@ -40,6 +40,7 @@ import numpy as np
 import image_files
 import image_sources
 import mask_writers
+import ome_zarr_io
 import pipeline
 import qc_pictures
 import segmentation
@@ -55,10 +56,15 @@ def parse_args(argv=None):
     parser.add_argument("--saved_model_filepath", required=True,
                         help="SavedModel folder exported by train_fcdensenet.py")
     parser.add_argument("--image_folder", required=True, help="folder of images to segment")
-    parser.add_argument("--output_folder", required=True,
-                        help="folder for the masks (created if missing; must differ from --image_folder)")
+    parser.add_argument("--output_folder", default=None,
+                        help="folder for the masks (created if missing; must differ from --image_folder); "
+                             "required but for zarr images, whose labels go inside each image when unset")
     parser.add_argument("--image_format", default="tif",
-                        help="extension of the images to segment (tif, png, jpg; a leading '.' is accepted)")
+                        help="extension of the images to segment (tif, png, jpg; a leading '.' is accepted), "
+                             "or zarr: every OME-Zarr image (NGFF 0.4 or 0.5) in the folder")
+    parser.add_argument("--label_name", default=ome_zarr_io.DEFAULT_LABEL_NAME,
+                        help="zarr images: the name of the NGFF label image written (labels/<name> inside "
+                             "the image, replaced once the new one is complete)")
     parser.add_argument("--tile_size", type=int, default=0,
                         help="tiles hold at most tile_size x tile_size pixels (squares or, where that "
                              "computes fewer pixels, rectangles of no larger area): a multiple of 32 and at "
@@ -95,14 +101,37 @@ def load_model(path):
     return saved_model.load_saved_model(path)
 
 
+def open_image(path, args):
+    """The image source of a file (or of an OME-Zarr folder)."""
+    if args.image_format == "zarr":
+        return ome_zarr_io.ZarrSource.open(path)
+    return image_sources.open_source(path, args.streaming_megapixels)
+
+
+def mask_consumer(source, name, dtype, number_classes, args):
+    """The consumer of the mask's bands: a mask file, or an NGFF label image (checked here, before any work)."""
+    height, width, _ = source.shape
+    if args.image_format != "zarr":
+        mask = mask_writers.mask_writer(args.output_folder, name)
+        return lambda bands: mask.write(bands, (height, width), dtype, source.streamed, source.pixel_size)
+    target = ome_zarr_io.label_target(source, args.label_name, args.output_folder)
+
+    def write_labels(bands):
+        written = ome_zarr_io.write_labels(source, bands, dtype, number_classes, args.label_name,
+                                           args.output_folder)
+        if written.replaced:
+            print(f"note: {target}: replaced the earlier label image of that name", flush=True)
+
+    return write_labels
+
+
 def output_consumers(source, name, metadata, args):
     """What is made of one image's probabilities: (segmentation.Output, consumer of its bands) pairs."""
     height, width, _ = source.shape
     number_classes = metadata["number_classes"]
     dtype = image_files.mask_dtype(number_classes - 1)
-    mask = mask_writers.mask_writer(args.output_folder, name)
     pairs = [(segmentation.Output(segmentation.argmax_labels, dtype),
-              lambda bands: mask.write(bands, (height, width), dtype, source.streamed, source.pixel_size))]
+              mask_consumer(source, name, dtype, number_classes, args))]
     if args.save_probabilities:
         probabilities = mask_writers.probabilities_writer(args.output_folder, name)
         pairs.append((segmentation.Output(segmentation.quantised_probabilities, np.uint8),
@@ -132,16 +161,16 @@ def with_image_rows(bands, source):
 
 def segment_file(path, predict, metadata, args):
     """Segment one image and write its mask (and what the flags ask for); returns (height, width, tiles)."""
-    name = os.path.basename(path)
-    with image_sources.open_source(path, args.streaming_megapixels) as source:
+    name = os.path.basename(os.path.normpath(path))
+    with open_image(path, args) as source:
         height, width, channels = source.shape
         if channels != metadata["number_channels"]:
             raise image_files.ImageFileError(
                 f"{path}: image has {channels} channel(s), the model expects {metadata['number_channels']}")
         grid = tiling.tile_grid(height, width, args.tile_size, metadata["radius"], metadata["size_factor"])
+        outputs, consumers = zip(*output_consumers(source, name, metadata, args))
         mean, std = source.statistics()
         batch_size = tiling.tiles_per_batch(args.batch_size, grid.tile_shape, args.tile_size)
-        outputs, consumers = zip(*output_consumers(source, name, metadata, args))
         tiles = segmentation.tile_probabilities(source, grid, predict, mean, std, batch_size)
         bands = segmentation.assemble_bands(tiles, grid, width, outputs)
         if args.overlay_folder is None:
@@ -188,25 +217,45 @@ def print_setup(metadata, args):
 def prepare(args):
     """Check the flags and list the images; exits with one line on any problem."""
     try:
-        args.image_format = image_files.normalize_extension(args.image_format)
-        names = image_files.list_images(args.image_folder, args.image_format)
+        if args.image_format.lstrip(".").lower() == "zarr":
+            args.image_format = "zarr"
+            names = ome_zarr_io.list_zarr_images(args.image_folder)
+            ome_zarr_io.check_label_name(args.label_name)
+        else:
+            args.image_format = image_files.normalize_extension(args.image_format)
+            names = image_files.list_images(args.image_folder, args.image_format)
     except ValueError as error:
         sys.exit(f"error: {error}")
     if not names:
         sys.exit(f"error: {args.image_folder}: no .{args.image_format} images")
+    check_outputs(args)
+    return names
+
+
+def check_outputs(args):
+    """The output flags against each other and the image format; exits with one line on a problem."""
+    zarr_images = args.image_format == "zarr"
+    if args.output_folder is None and not zarr_images:
+        sys.exit("error: --output_folder is required (only zarr images can keep their labels inside)")
+    if args.mask_folder is not None and zarr_images:
+        sys.exit("error: --mask_folder scores mask files: it does not apply to zarr images")
     if args.batch_size < 0:
         sys.exit(f"error: --batch_size {args.batch_size} must be at least 1 (or 0: automatic)")
     if args.mask_folder is not None and not os.path.isdir(args.mask_folder):
         sys.exit(f"error: {args.mask_folder}: mask folder does not exist")
-    if os.path.realpath(args.output_folder) == os.path.realpath(args.image_folder):
-        sys.exit(f"error: {args.output_folder}: the output folder must differ from the image folder")
-    if args.overlay_folder is not None and os.path.realpath(args.overlay_folder) in (
-            os.path.realpath(args.output_folder), os.path.realpath(args.image_folder)):
+    folders = [os.path.realpath(args.image_folder)]
+    if args.output_folder is not None:
+        if os.path.realpath(args.output_folder) in folders:
+            sys.exit(f"error: {args.output_folder}: the output folder must differ from the image folder")
+        folders.append(os.path.realpath(args.output_folder))
+    if args.overlay_folder is not None and os.path.realpath(args.overlay_folder) in folders:
         sys.exit(f"error: {args.overlay_folder}: the overlay folder must differ from the output and image folders")
-    if args.save_probabilities and args.image_format not in ("tif", "tiff"):
+    if args.save_probabilities and args.image_format in ("png", "jpg", "jpeg"):
         sys.exit(f"error: --save_probabilities 1 needs tif images (probability maps are TIFFs with one channel "
                  f"per class), not .{args.image_format}")
-    return names
+    if args.save_probabilities and zarr_images and args.output_folder is None:
+        sys.exit("error: --save_probabilities 1 with zarr images needs --output_folder (the probability maps "
+                 "are TIFFs written there)")
 
 
 def main(argv=None):

@@ -44,6 +44,7 @@ import numpy as np
 import atomic_files
 import image_files
 import image_sources
+import qc_pictures
 
 DEFAULT_LABEL_NAME = "fcdensenet"
 # NGFF version -> the Zarr format it is stored in.
@@ -52,11 +53,6 @@ ZARR_FORMATS = {"0.4": 2, "0.5": 3}
 # 16384-pixel-wide int32 mask then stays at 128 MB.
 MAX_LABEL_CHUNK = 2048
 # Twelve well-separated colours for the first classes (background 0 is transparent).
-PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-           (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
-           (0, 128, 128), (170, 110, 40))
-
-
 def list_zarr_images(folder):
     """Sorted names of the `*.zarr` directories in `folder` (case-insensitive extension)."""
     if not os.path.isdir(folder):
@@ -259,12 +255,13 @@ def _levels(names, datasets, arrays):
 # Writing: metadata
 
 def label_colors(number_classes):
-    """One distinct RGBA colour per class: 0 transparent, then PALETTE, then colours spread over the
+    """One distinct RGBA colour per class: 0 transparent, then the QC overlays' PALETTE (so a label
+    layer shows the classes in the colours of the overlay PNGs), then colours spread over the
     24-bit RGB cube (multiplying by an odd constant is a bijection modulo 2**24), skipping repeats."""
     colors, used = [(0, 0, 0, 0)], set()
     for value in range(1, number_classes):
-        if value <= len(PALETTE):
-            rgb = PALETTE[value - 1]
+        if value <= len(qc_pictures.PALETTE):
+            rgb = tuple(int(channel) for channel in qc_pictures.PALETTE[value - 1])
         else:
             code = (value * 0x9E3779) % (1 << 24)
             while (code >> 16, (code >> 8) & 255, code & 255) in used:

@@ -4,7 +4,9 @@ NGFF label images written from a mask validated with ome-zarr-models.
 Images are small (300x200) with 64x64 chunks, so every read crosses chunk boundaries.
 """
 
+import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -330,6 +332,7 @@ ome_zarr_io.write_labels(source, bands(), np.uint8, 2)
 """
 
 
+@pytest.mark.slow
 def test_sigkill_mid_write_leaves_no_listed_label_and_the_next_run_cleans_up(tmp_path):
     path = write_ome_zarr(tmp_path / "image.zarr", np.ones((HEIGHT, WIDTH), np.uint16), "yx", "0.5")
     labels = os.path.join(path, "labels")
@@ -412,14 +415,25 @@ def untouchable_bands():
     yield
 
 
-def test_read_only_image_without_output_folder_is_refused_before_any_work(tmp_path, monkeypatch):
-    path = write_ome_zarr(tmp_path / "image.zarr", np.ones((HEIGHT, WIDTH), np.uint8), "yx", "0.5")
-    os.chmod(path, 0o555)
+@contextlib.contextmanager
+def read_only_view(folder, view):
+    """`view`: a read-only bind mount of `folder` (a real read-only file system, which stops root too)."""
+    os.makedirs(view)
+    mounted = subprocess.run(["mount", "--bind", str(folder), str(view)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"bind mounts are not permitted here: {mounted.stderr.decode().strip()}")
     try:
-        if os.access(path, os.W_OK):  # root writes anyway: emulate a read-only file system
-            real_access = os.access
-            monkeypatch.setattr(ome_zarr_io.os, "access", lambda target, mode: (
-                False if os.path.realpath(target) == os.path.realpath(path) else real_access(target, mode)))
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(view)], check=True, capture_output=True)
+        yield str(view)
+    finally:
+        subprocess.run(["umount", str(view)], check=True)
+
+
+@pytest.mark.slow
+def test_read_only_image_without_output_folder_is_refused_before_any_work(tmp_path):
+    write_ome_zarr(tmp_path / "images" / "image.zarr", np.ones((HEIGHT, WIDTH), np.uint8), "yx", "0.5")
+    with read_only_view(tmp_path / "images", tmp_path / "read_only") as images:
+        path = os.path.join(images, "image.zarr")
         with ome_zarr_io.ZarrSource.open(path) as source:
             with pytest.raises(image_files.ImageFileError) as error:
                 ome_zarr_io.label_target(source)
@@ -427,10 +441,9 @@ def test_read_only_image_without_output_folder_is_refused_before_any_work(tmp_pa
                 ome_zarr_io.write_labels(source, untouchable_bands(), np.uint8, 2)
             written = ome_zarr_io.write_labels(source, bands_of(synthetic_mask(2)), np.uint8, 2,
                                                output_folder=str(tmp_path / "out"))
-    finally:
-        os.chmod(path, 0o755)
     assert one_line(error).startswith(path) and "read-only" in str(error.value)
-    assert os.path.isdir(written.path) and not os.path.exists(os.path.join(path, "labels"))
+    assert os.path.isdir(written.path) and not os.path.exists(os.path.join(tmp_path, "images", "image.zarr",
+                                                                           "labels"))
 
 
 @pytest.mark.parametrize("name", ["", "a/b", ".hidden", "__reserved", ".."])
@@ -466,10 +479,9 @@ def tiny_model(tmp_path_factory):
     return saved_model.load_saved_model(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", ["0.4", "0.5"])
 def test_labels_equal_the_mask_inference_writes_for_the_tiff(tmp_path, tiny_model, version):
-    import argparse
-
     import tifffile
 
     import inference_fcdensenet as inference
@@ -485,8 +497,9 @@ def test_labels_equal_the_mask_inference_writes_for_the_tiff(tmp_path, tiny_mode
     tiff = str(tmp_path / "images" / "image.tif")
     tifffile.imwrite(tiff, image)
     tile_size = tiling.check_tile_size(288, metadata["radius"], metadata["size_factor"])
-    args = argparse.Namespace(tile_size=tile_size, batch_size=0, streaming_megapixels=64.0)
-    inference.segment_file(tiff, str(tmp_path / "masks"), predict, metadata, args)  # the TIFF path
+    args = inference.parse_args(["--saved_model_filepath", "unused", "--image_folder", str(tmp_path / "images"),
+                                  "--output_folder", str(tmp_path / "masks"), "--tile_size", str(tile_size)])
+    inference.segment_file(tiff, predict, metadata, args)  # the TIFF path
     expected = tifffile.imread(str(tmp_path / "masks" / "image.tif"))
     path = write_ome_zarr(tmp_path / "image.zarr", image, "yx", version)
     with ome_zarr_io.ZarrSource.open(path) as source:  # the same steps, from the zarr
@@ -499,3 +512,59 @@ def test_labels_equal_the_mask_inference_writes_for_the_tiff(tmp_path, tiny_mode
         written = ome_zarr_io.write_labels(source, bands, dtype, metadata["number_classes"])
     np.testing.assert_array_equal(zarr.open_array(os.path.join(written.path, "0"))[:], expected)
     assert len(np.unique(expected)) > 1
+
+
+# ---------------------------------------------------------------------------------------------
+# the script, as a user runs it
+
+SCRIPT = os.path.join(REPO_ROOT, "inference_fcdensenet.py")
+
+
+def run_script(*args):
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_script_writes_labels_into_zarr_images_and_reports_bad_ones(tmp_path, gray_model, mosaic):
+    import segmentation
+
+    model_path, predict, metadata = gray_model
+    images = tmp_path / "images"
+    image = mosaic[:500, :420]
+    write_ome_zarr(images / "a.zarr", image, "yx", "0.4")
+    write_ome_zarr(images / "b.zarr", image[None, None, None], "tczyx", "0.5")
+    zarr.open_group(str(images / "plain.zarr"), mode="w", zarr_format=3)  # no OME metadata
+    write_ome_zarr(images / "stack.zarr", np.stack([image[:64, :64]] * 3), "zyx", "0.5", scale_factors=())
+    common = ["--saved_model_filepath", model_path, "--image_folder", str(images), "--image_format", "zarr",
+              "--tile_size", "288"]
+    result = run_script(*common)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "done: 2 image(s) segmented, 2 failed" in result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert any(str(images / "plain.zarr") in line and "multiscales" in line for line in errors), errors
+    assert any(str(images / "stack.zarr") in line and "zyx" in line for line in errors), errors
+    expected = segmentation.segment_array(image, predict, metadata, 288)
+    for name, version in (("a.zarr", "0.4"), ("b.zarr", "0.5")):
+        label = images / name / "labels" / "fcdensenet"
+        stored = np.asarray(zarr.open_array(str(label / "0"))[:]).reshape(image.shape)
+        assert np.array_equal(stored, expected), name
+        assert listing(str(images / name)) == ["fcdensenet"]
+        VALIDATORS[version][0].from_zarr(zarr.open_group(str(images / name), mode="r"))
+        VALIDATORS[version][1].from_zarr(zarr.open_group(str(label), mode="r"))
+
+    again = run_script(*common, "--label_name", "fcdensenet")
+    assert f"note: {images / 'a.zarr' / 'labels' / 'fcdensenet'}: replaced the earlier label image" in again.stdout
+
+    # a read-only image zarr: refused without --output_folder, written elsewhere with it
+    shutil.rmtree(images / "plain.zarr")
+    shutil.rmtree(images / "stack.zarr")
+    with read_only_view(images, tmp_path / "read_only") as read_only:
+        refused = run_script(*[value if value != str(images) else read_only for value in common],
+                             "--label_name", "other")
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr
+        assert f"error: {os.path.join(read_only, 'a.zarr')}: the image zarr is read-only" in refused.stderr
+        elsewhere = run_script(*[value if value != str(images) else read_only for value in common],
+                               "--output_folder", str(tmp_path / "labels"))
+        assert elsewhere.returncode == 0, elsewhere.stderr
+    assert sorted(os.listdir(tmp_path / "labels")) == ["a.zarr", "b.zarr"]
+    assert listing(str(images / "a.zarr")) == ["fcdensenet"]  # nothing was added to the image
