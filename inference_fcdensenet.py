@@ -32,16 +32,16 @@ segmentation.py (the tile loop: probabilities, reduced to masks), mask_writers.p
 
 import argparse
 import os
+import shutil
 import sys
 import time
 
 import numpy as np
 
 import image_files
-import image_sources
+import inference_runner
 import mask_writers
 import ome_zarr_io
-import pipeline
 import qc_pictures
 import segmentation
 import segmentation_metrics
@@ -86,6 +86,15 @@ def parse_args(argv=None):
                         help="optional folder for quality-control pictures: <stem>.png per image, the image "
                              "contrast-stretched with each class's outline in its own colour, at most 2048 "
                              "pixels on the long side")
+    parser.add_argument("--num_parts", type=int, default=None,
+                        help="split the sorted image list into this many parts and segment one (a job array "
+                             "task each); unset: SLURM_ARRAY_TASK_COUNT under a SLURM job array, else 1")
+    parser.add_argument("--part_id", type=int, default=None,
+                        help="the part to segment, in [0, num_parts): every num_parts-th image from this one; "
+                             "unset: the task's index within a SLURM job array, else 0")
+    parser.add_argument("--skip_existing", type=int, default=0, choices=(0, 1),
+                        help="1: leave images whose outputs all exist (outputs appear only when complete, so a "
+                             "requeued task goes on where it stopped)")
     parser.add_argument("--mask_folder", default=None,
                         help="optional folder of ground-truth masks under the images' file names: the "
                              "masks written are scored against them (pixel accuracy, IoU per class, "
@@ -94,92 +103,16 @@ def parse_args(argv=None):
 
 
 def load_model(path):
+    """(predict, metadata, device names): a copy of the model on every visible device."""
     if not os.path.isdir(path):
         raise ValueError(f"{path}: SavedModel folder does not exist")
+    import devices
     import saved_model
 
-    return saved_model.load_saved_model(path)
-
-
-def open_image(path, args):
-    """The image source of a file (or of an OME-Zarr folder)."""
-    if args.image_format == "zarr":
-        return ome_zarr_io.ZarrSource.open(path)
-    return image_sources.open_source(path, args.streaming_megapixels)
-
-
-def mask_consumer(source, name, dtype, number_classes, args):
-    """The consumer of the mask's bands: a mask file, or an NGFF label image (checked here, before any work)."""
-    height, width, _ = source.shape
-    if args.image_format != "zarr":
-        mask = mask_writers.mask_writer(args.output_folder, name)
-        return lambda bands: mask.write(bands, (height, width), dtype, source.streamed, source.pixel_size)
-    target = ome_zarr_io.label_target(source, args.label_name, args.output_folder)
-
-    def write_labels(bands):
-        written = ome_zarr_io.write_labels(source, bands, dtype, number_classes, args.label_name,
-                                           args.output_folder)
-        if written.replaced:
-            print(f"note: {target}: replaced the earlier label image of that name", flush=True)
-
-    return write_labels
-
-
-def output_consumers(source, name, metadata, args):
-    """What is made of one image's probabilities: (segmentation.Output, consumer of its bands) pairs."""
-    height, width, _ = source.shape
-    number_classes = metadata["number_classes"]
-    dtype = image_files.mask_dtype(number_classes - 1)
-    pairs = [(segmentation.Output(segmentation.argmax_labels, dtype),
-              mask_consumer(source, name, dtype, number_classes, args))]
-    if args.save_probabilities:
-        probabilities = mask_writers.probabilities_writer(args.output_folder, name)
-        pairs.append((segmentation.Output(segmentation.quantised_probabilities, np.uint8),
-                      lambda bands: probabilities.write(bands, (height, width, number_classes), np.uint8,
-                                                        source.streamed, source.pixel_size)))
-    return pairs
-
-
-def overlay_consumer(source, name, overlay_folder):
-    """A consumer of (first row, image rows, mask rows) that writes the image's QC picture."""
-    path = os.path.join(overlay_folder, os.path.splitext(name)[0] + ".png")
-
-    def build(items):
-        overlay = qc_pictures.Overlay(*source.shape)
-        for start, image_rows, mask_rows in items:
-            overlay.add(start, image_rows, mask_rows)
-        qc_pictures.write_png(path, overlay.render())
-
-    return build
-
-
-def with_image_rows(bands, source):
-    """Add (first row, the image's rows, the mask's rows) to every band, for the overlay."""
-    for start, arrays in bands:
-        yield arrays + [(start, source.rows(start, start + len(arrays[0])), arrays[0])]
-
-
-def segment_file(path, predict, metadata, args):
-    """Segment one image and write its mask (and what the flags ask for); returns (height, width, tiles)."""
-    name = os.path.basename(os.path.normpath(path))
-    with open_image(path, args) as source:
-        height, width, channels = source.shape
-        if channels != metadata["number_channels"]:
-            raise image_files.ImageFileError(
-                f"{path}: image has {channels} channel(s), the model expects {metadata['number_channels']}")
-        grid = tiling.tile_grid(height, width, args.tile_size, metadata["radius"], metadata["size_factor"])
-        outputs, consumers = zip(*output_consumers(source, name, metadata, args))
-        mean, std = source.statistics()
-        batch_size = tiling.tiles_per_batch(args.batch_size, grid.tile_shape, args.tile_size)
-        tiles = segmentation.tile_probabilities(source, grid, predict, mean, std, batch_size)
-        bands = segmentation.assemble_bands(tiles, grid, width, outputs)
-        if args.overlay_folder is None:
-            items = (arrays for _, arrays in bands)
-        else:
-            items = with_image_rows(bands, source)
-            consumers += (overlay_consumer(source, name, args.overlay_folder),)
-        pipeline.fan_out(items, consumers)
-        return height, width, grid.tile_count
+    names = devices.inference_devices()
+    loaded = [saved_model.load_saved_model(path, device if len(names) > 1 else None) for device in names]
+    predict = devices.DevicePool([function for function, _ in loaded]) if len(loaded) > 1 else loaded[0][0]
+    return predict, loaded[0][1], names
 
 
 def score_mask(predicted_path, mask_folder, number_classes):
@@ -203,12 +136,13 @@ def print_scores(confusion):
           f"IoU per class [{iou_text}]")
 
 
-def print_setup(metadata, args):
+def print_setup(metadata, args, device_names):
     """The start line (and a note when outline colours repeat)."""
     extras = "; test-time augmentation: 8 flips and turns" if args.tta else ""
+    devices = f"; {len(device_names)} devices ({', '.join(device_names)})" if len(device_names) > 1 else ""
     print(f"{metadata['variant']}: {metadata['number_channels']} channel(s), {metadata['number_classes']} "
           f"classes, radius {metadata['radius']}; tiles of at most {args.tile_size}x{args.tile_size} pixels, "
-          f"{args.batch_size or 'automatic'} per batch{extras}", flush=True)
+          f"{args.batch_size or 'automatic'} per batch{devices}{extras}", flush=True)
     if args.overlay_folder is not None and qc_pictures.colours_cycle(metadata["number_classes"]):
         print(f"note: {metadata['number_classes'] - 1} classes but {len(qc_pictures.PALETTE)} outline colours: "
               f"the colours repeat", flush=True)
@@ -258,11 +192,107 @@ def check_outputs(args):
                  "are TIFFs written there)")
 
 
+def job_array_part(args, environment):
+    """(num_parts, part_id) from the flags, else from a SLURM job array, else (1, 0)."""
+    count = int(environment.get("SLURM_ARRAY_TASK_COUNT", 1))
+    if "SLURM_ARRAY_TASK_ID" in environment:
+        step = int(environment.get("SLURM_ARRAY_TASK_STEP", 1)) or 1
+        index = (int(environment["SLURM_ARRAY_TASK_ID"]) - int(environment.get("SLURM_ARRAY_TASK_MIN", 0))) // step
+    else:
+        index = 0
+    num_parts = count if args.num_parts is None else args.num_parts
+    part_id = index if args.part_id is None else args.part_id
+    if num_parts < 1:
+        raise ValueError(f"--num_parts {num_parts} must be at least 1")
+    if not 0 <= part_id < num_parts:
+        raise ValueError(f"--part_id {part_id} must be in [0, {num_parts}) (--num_parts {num_parts})")
+    return num_parts, part_id
+
+
+def select_images(names, args):
+    """This part's share of the sorted names, less those whose outputs exist under --skip_existing."""
+    try:
+        num_parts, part_id = job_array_part(args, os.environ)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    mine = names[part_id::num_parts]
+    if num_parts > 1:
+        print(f"part {part_id} of {num_parts}: {len(mine)} of {len(names)} image(s)", flush=True)
+    if not args.skip_existing:
+        return mine
+    todo = [name for name in mine if not all(os.path.exists(path) for path in
+                                             inference_runner.output_paths(name, args))]
+    if len(todo) < len(mine):
+        print(f"skipping {len(mine) - len(todo)} image(s) whose outputs exist", flush=True)
+    return todo
+
+
+class Progress:
+    """A progress bar over the images on a terminal (tqdm); a line per image in a log."""
+
+    def __init__(self, total, terminal):
+        self.bar = None
+        if terminal:
+            from tqdm import tqdm
+
+            # a terminal that reports no size (a pseudo-terminal of a batch system) gets 80x24
+            size = shutil.get_terminal_size()
+            self.bar = tqdm(total=total, unit="image", ncols=size.columns, nrows=size.lines, file=sys.stdout)
+
+    def image_done(self, result):
+        if self.bar is None:
+            print(f"{os.path.basename(result.path)}: {result.height}x{result.width}, {result.tiles} tile(s), "
+                  f"{result.seconds:.2f} s", flush=True)
+        else:
+            self.bar.update(1)
+
+    def image_failed(self, message):
+        if self.bar is None:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        else:
+            self.bar.write(f"error: {message}", file=sys.stderr)
+            self.bar.update(1)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def error_message(path, error):
+    message = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+    return message if message.startswith(path) else f"{path}: {message}"
+
+
+def segment_folder(paths, predict, metadata, args, device_count):
+    """Segment the images, report each, score them; returns (failure messages, megapixels, confusion)."""
+    number_classes = metadata["number_classes"]
+    confusion = np.zeros((number_classes, number_classes), dtype=np.int64)
+    failures, megapixels = [], 0.0
+    progress = Progress(len(paths), sys.stdout.isatty())
+    try:
+        for result in inference_runner.segment_images(paths, predict, metadata, args, device_count):
+            try:
+                if result.error is not None:
+                    raise result.error
+                if args.mask_folder is not None:
+                    written = mask_writers.output_path(args.output_folder, os.path.basename(result.path))
+                    confusion += score_mask(written, args.mask_folder, number_classes)
+            except Exception as error:  # one bad image must not stop the others
+                failures.append(error_message(result.path, error))
+                progress.image_failed(failures[-1])
+                continue
+            megapixels += result.height * result.width / 1e6
+            progress.image_done(result)
+    finally:
+        progress.close()
+    return failures, megapixels, confusion
+
+
 def main(argv=None):
     args = parse_args(argv)
-    names = prepare(args)
+    names = select_images(prepare(args), args)
     try:
-        predict, metadata = load_model(args.saved_model_filepath)
+        predict, metadata, device_names = load_model(args.saved_model_filepath)
         args.tile_size = tiling.check_tile_size(args.tile_size, metadata["radius"], metadata["size_factor"])
     except ValueError as error:
         sys.exit(f"error: {error}")
@@ -274,29 +304,11 @@ def main(argv=None):
             sys.exit(f"error: {folder}: cannot create the {what} folder ({error.strerror})")
     if args.tta:
         predict = segmentation.dihedral_averaged(predict)
-    print_setup(metadata, args)
+    print_setup(metadata, args, device_names)
 
-    number_classes = metadata["number_classes"]
-    confusion = np.zeros((number_classes, number_classes), dtype=np.int64)
-    failures, megapixels, started = [], 0.0, time.perf_counter()
-    for name in names:
-        path = os.path.join(args.image_folder, name)
-        image_started = time.perf_counter()
-        try:
-            height, width, tiles = segment_file(path, predict, metadata, args)
-            if args.mask_folder is not None:
-                written = mask_writers.output_path(args.output_folder, name)
-                confusion += score_mask(written, args.mask_folder, number_classes)
-        except Exception as error:  # one bad image must not stop the others
-            message = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
-            message = message if message.startswith(path) else f"{path}: {message}"
-            print(f"error: {message}", file=sys.stderr, flush=True)
-            failures.append(message)
-            continue
-        megapixels += height * width / 1e6
-        print(f"{name}: {height}x{width}, {tiles} tile(s), {time.perf_counter() - image_started:.2f} s",
-              flush=True)
-
+    started = time.perf_counter()
+    paths = [os.path.join(args.image_folder, name) for name in names]
+    failures, megapixels, confusion = segment_folder(paths, predict, metadata, args, len(device_names))
     seconds = time.perf_counter() - started
     print(f"done: {len(names) - len(failures)} image(s) segmented, {len(failures)} failed, "
           f"{megapixels:.1f} Mpx in {seconds:.1f} s ({megapixels / max(seconds, 1e-9):.2f} Mpx/s)")

@@ -81,3 +81,38 @@ def fan_out(items, consumers, depth=2):
     failures = [error for error in errors if error is not None and not isinstance(error, Aborted)]
     if failures:
         raise failures[0]
+
+
+def prefetch(items, depth=1):
+    """Iterate `items` in a background thread, at most `depth` items ahead of the consumer.
+
+    The work of producing an item (opening the next image and its statistics pass) then overlaps
+    with the consumer's. An error of the producer is raised in the consumer, after the items
+    before it; a consumer that stops early stops the producer at its next item.
+    """
+    channel = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    failure = []
+
+    def produce():
+        try:
+            for item in items:
+                if not _put(channel, item, stop):
+                    return
+        except BaseException as error:  # handed to the consumer
+            failure.append(error)
+        _put(channel, _END, stop)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = channel.get()
+            if item is _END:
+                break
+            yield item
+        if failure:
+            raise failure[0]
+    finally:
+        stop.set()
+        thread.join()

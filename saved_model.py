@@ -9,6 +9,7 @@ fcdensenet_metadata.json: variant, classes, channels, receptive-field radius, si
 normalisation, versions and what the trainer adds, so inference needs only the path.
 """
 
+import contextlib
 import json
 import os
 
@@ -111,16 +112,20 @@ def read_metadata(path):
     return metadata
 
 
-def load_saved_model(path):
+def load_saved_model(path, device=None):
     """Load an export: return (predict, metadata).
 
     predict(batch) takes a float32 NHWC batch (numpy or tensor; H, W positive multiples of 32, C the
     model's channel count) and returns the softmax as a float32 numpy array (N, H, W, classes).
-    Raises ValueError with a one-line message naming the path if it is missing or not one of ours.
+    `device` (a TensorFlow device name) places the restored variables and the computation there, so
+    one process can hold a copy of the model on every GPU. Raises ValueError with a one-line message
+    naming the path if it is missing or not one of ours.
     """
     metadata = read_metadata(path)
+    placement = tf.device(device) if device else contextlib.nullcontext()
     try:
-        loaded = tf.saved_model.load(os.fspath(path))
+        with placement:
+            loaded = tf.saved_model.load(os.fspath(path))
         serve = getattr(loaded, metadata.get("serving_endpoint", SERVING_ENDPOINT))
     except Exception as error:  # TF raises many types here; the user needs the path and the gist
         gist = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -132,7 +137,8 @@ def load_saved_model(path):
         if batch.shape.rank != 4 or batch.shape[-1] != channels:
             raise ValueError(f"predict wants an NHWC batch with {channels} channel(s), got shape {batch.shape}")
         fcdensenet.check_input_size(batch.shape[1], batch.shape[2])
-        return serve(tf.cast(batch, tf.float32)).numpy()
+        with (tf.device(device) if device else contextlib.nullcontext()):
+            return serve(tf.cast(batch, tf.float32)).numpy()
 
     predict.saved_model = loaded  # the restored variables live as long as the function
     return predict, metadata

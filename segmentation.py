@@ -10,10 +10,12 @@ how to reduce it: the argmax for a mask, an average over flips for test-time aug
 probabilities for a probability map. Only each tile's zone of responsibility leaves the loop.
 """
 
+import collections
 import dataclasses
 
 import numpy as np
 
+import devices
 import image_files
 import image_sources
 import tiling
@@ -36,33 +38,80 @@ def take(array, index, axis):
     return array.take(index, axis=axis)
 
 
+class _TileReader:
+    """Cuts the tiles of one image's grid out of its source, reflect-padded and z-scored."""
+
+    def __init__(self, source, grid, mean, std):
+        self.source, self.grid, self.mean, self.std = source, grid, mean, std
+        height, width, _ = source.shape
+        self.row_index = tiling.reflect_index(height, grid.padded_shape[0])
+        self.col_index = tiling.reflect_index(width, grid.padded_shape[1])
+        self.pixels_row, self.pixels_start, self.pixels = None, 0, None  # the rows the current row of tiles reads
+
+    def tile(self, r, y, x):
+        rows = self.row_index[y.origin:y.origin + self.grid.tile_shape[0]]
+        if self.pixels_row != r:
+            self.pixels_row, self.pixels_start = r, int(rows.min())
+            self.pixels = self.source.rows(self.pixels_start, int(rows.max()) + 1)
+        tile = take(self.pixels, rows - self.pixels_start, 0)
+        tile = take(tile, self.col_index[x.origin:x.origin + self.grid.tile_shape[1]], 1)
+        return image_files.zscore_normalize(tile, self.mean, self.std)
+
+
+def _kept(tile, y, x):
+    return tile[y.keep_start - y.origin:y.keep_stop - y.origin, x.keep_start - x.origin:x.keep_stop - x.origin]
+
+
+def _run(predict, batches):
+    """predict over (keys, batch) pairs, through a DevicePool's map when given one: (keys, probabilities)."""
+    pool = predict if isinstance(predict, devices.DevicePool) else devices.DevicePool([predict])
+    keys = collections.deque()
+
+    def arrays():
+        for batch_keys, batch in batches:
+            keys.append(batch_keys)
+            yield batch
+
+    for probabilities in pool.map(arrays()):
+        yield keys.popleft(), np.asarray(probabilities)
+
+
 def tile_probabilities(source, grid, predict, mean, std, batch_size):
     """Yield a TileResult per tile, in grid order, running `batch_size` tiles per forward pass.
 
     Tiles are read from the source one row of tiles at a time (the rows it needs, reflect-padded at
     the bottom and right), z-scored with the whole image's mean and std, and batched across rows.
+    `predict` is a function or a devices.DevicePool, whose devices then run batches side by side.
     """
-    height, width, _ = source.shape
-    row_index = tiling.reflect_index(height, grid.padded_shape[0])
-    col_index = tiling.reflect_index(width, grid.padded_shape[1])
+    reader = _TileReader(source, grid, mean, std)
     queue = [(r, y, x) for r, row in enumerate(grid.rows) for y, x in row]
-    pixels_row, pixels_start, pixels = None, 0, None  # the source rows the current row of tiles reads
-    for first in range(0, len(queue), batch_size):
-        batch = queue[first:first + batch_size]
-        tiles = []
-        for r, y, x in batch:
-            rows = row_index[y.origin:y.origin + grid.tile_shape[0]]
-            if pixels_row != r:
-                pixels_row, pixels_start = r, int(rows.min())
-                pixels = source.rows(pixels_start, int(rows.max()) + 1)
-            tile = take(pixels, rows - pixels_start, 0)
-            tile = take(tile, col_index[x.origin:x.origin + grid.tile_shape[1]], 1)
-            tiles.append(image_files.zscore_normalize(tile, mean, std))
-        probabilities = np.asarray(predict(np.stack(tiles)))
-        for (r, y, x), tile in zip(batch, probabilities):
-            kept = tile[y.keep_start - y.origin:y.keep_stop - y.origin,
-                        x.keep_start - x.origin:x.keep_stop - x.origin]
-            yield TileResult(r, y, x, kept)
+    batches = ((queue[first:first + batch_size],
+                np.stack([reader.tile(*key) for key in queue[first:first + batch_size]]))
+               for first in range(0, len(queue), batch_size))
+    for keys, probabilities in _run(predict, batches):
+        for (r, y, x), tile in zip(keys, probabilities):
+            yield TileResult(r, y, x, _kept(tile, y, x))
+
+
+def single_tile_probabilities(images, predict, batch_size):
+    """Batch across images: the one TileResult of each (source, grid, mean, std) whose grid is one tile.
+
+    Every grid must have the same tile shape. Yields (index in `images`, TileResult) in order.
+    """
+    def batches():
+        for first in range(0, len(images), batch_size):
+            group = list(range(first, min(first + batch_size, len(images))))
+            tiles = []
+            for index in group:
+                source, grid, mean, std = images[index]
+                y, x = grid.rows[0][0]
+                tiles.append(_TileReader(source, grid, mean, std).tile(0, y, x))
+            yield group, np.stack(tiles)
+
+    for group, probabilities in _run(predict, batches()):
+        for index, tile in zip(group, probabilities):
+            y, x = images[index][1].rows[0][0]
+            yield index, TileResult(0, y, x, _kept(tile, y, x))
 
 
 def argmax_labels(probabilities):

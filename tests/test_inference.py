@@ -15,6 +15,7 @@ import tifffile
 import image_files
 import image_sources
 import inference_fcdensenet as inference
+import inference_runner
 import mask_writers
 import segmentation
 import tiling
@@ -257,7 +258,7 @@ def test_streamed_tiff_with_rectangular_tiles_equals_the_in_memory_mask(gray_mod
     source = image_sources.open_source(path, settings.streaming_megapixels)
     assert isinstance(source, image_sources.TiffSource)  # read band by band, not whole
     source.close()
-    inference.segment_file(path, predict, metadata, settings)  # replaces slide.tif
+    inference_runner.segment_file(path, predict, metadata, settings)  # replaces slide.tif
     streamed = tifffile.imread(path)
     assert np.array_equal(streamed, segmentation.segment_array(image, predict, metadata, 512, batch_size=4))
 

@@ -485,6 +485,7 @@ def test_labels_equal_the_mask_inference_writes_for_the_tiff(tmp_path, tiny_mode
     import tifffile
 
     import inference_fcdensenet as inference
+    import inference_runner
     import segmentation
     import tiling
 
@@ -499,7 +500,7 @@ def test_labels_equal_the_mask_inference_writes_for_the_tiff(tmp_path, tiny_mode
     tile_size = tiling.check_tile_size(288, metadata["radius"], metadata["size_factor"])
     args = inference.parse_args(["--saved_model_filepath", "unused", "--image_folder", str(tmp_path / "images"),
                                   "--output_folder", str(tmp_path / "masks"), "--tile_size", str(tile_size)])
-    inference.segment_file(tiff, predict, metadata, args)  # the TIFF path
+    inference_runner.segment_file(tiff, predict, metadata, args)  # the TIFF path
     expected = tifffile.imread(str(tmp_path / "masks" / "image.tif"))
     path = write_ome_zarr(tmp_path / "image.zarr", image, "yx", version)
     with ome_zarr_io.ZarrSource.open(path) as source:  # the same steps, from the zarr

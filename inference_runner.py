@@ -1,0 +1,239 @@
+"""Segmenting a list of images: each one prepared ahead of the model, small ones batched together.
+
+    for result in segment_images(paths, predict, metadata, args):
+        print(result.path, result.error or f"{result.height}x{result.width}")
+
+An image is prepared (opened, checked against the model, its outputs chosen and checked, its
+normalisation statistics computed) in a background thread while the model runs on the images
+before it. Consecutive images that fit one tile of the same shape run through the model together,
+up to the batch budget of every device; larger images run tile by tile. Each image's outputs (mask
+or NGFF label, probability map, QC overlay) are written in threads of their own (pipeline.fan_out).
+`args` carries the script's flags: output_folder, image_format, label_name, save_probabilities,
+overlay_folder, tile_size, batch_size, streaming_megapixels.
+"""
+
+import dataclasses
+import os
+import time
+
+import numpy as np
+
+import image_files
+import image_sources
+import mask_writers
+import ome_zarr_io
+import pipeline
+import qc_pictures
+import segmentation
+import tiling
+
+# images prepared ahead of the model: the next one's statistics pass (a whole read of a large image)
+# overlaps the model's work on the current one; more would hold more images in memory
+LOOK_AHEAD = 2
+
+
+@dataclasses.dataclass
+class ImageResult:
+    """What became of one image: its size and tile count, or the error that stopped it."""
+
+    path: str
+    height: int = 0
+    width: int = 0
+    tiles: int = 0
+    seconds: float = 0.0
+    error: Exception = None
+
+
+@dataclasses.dataclass
+class ImageJob:
+    """An image ready for the model: its source, tile grid, statistics and output consumers."""
+
+    path: str
+    source: image_sources.ImageSource
+    grid: tiling.TileGrid
+    mean: np.ndarray
+    std: np.ndarray
+    outputs: tuple
+    consumers: tuple
+    started: float
+
+    @property
+    def single_tile(self):
+        return self.grid.tile_count == 1
+
+
+def open_image(path, args):
+    """The image source of a file (or of an OME-Zarr folder)."""
+    if args.image_format == "zarr":
+        return ome_zarr_io.ZarrSource.open(path)
+    return image_sources.open_source(path, args.streaming_megapixels)
+
+
+def mask_consumer(source, name, dtype, number_classes, args):
+    """The consumer of the mask's bands: a mask file, or an NGFF label image (checked here, before any work)."""
+    height, width, _ = source.shape
+    if args.image_format != "zarr":
+        mask = mask_writers.mask_writer(args.output_folder, name)
+        return lambda bands: mask.write(bands, (height, width), dtype, source.streamed, source.pixel_size)
+    target = ome_zarr_io.label_target(source, args.label_name, args.output_folder)
+
+    def write_labels(bands):
+        written = ome_zarr_io.write_labels(source, bands, dtype, number_classes, args.label_name,
+                                           args.output_folder)
+        if written.replaced:
+            print(f"note: {target}: replaced the earlier label image of that name", flush=True)
+
+    return write_labels
+
+
+def output_consumers(source, name, metadata, args):
+    """What is made of one image's probabilities: (segmentation.Output, consumer of its bands) pairs."""
+    height, width, _ = source.shape
+    number_classes = metadata["number_classes"]
+    dtype = image_files.mask_dtype(number_classes - 1)
+    pairs = [(segmentation.Output(segmentation.argmax_labels, dtype),
+              mask_consumer(source, name, dtype, number_classes, args))]
+    if args.save_probabilities:
+        probabilities = mask_writers.probabilities_writer(args.output_folder, name)
+        pairs.append((segmentation.Output(segmentation.quantised_probabilities, np.uint8),
+                      lambda bands: probabilities.write(bands, (height, width, number_classes), np.uint8,
+                                                        source.streamed, source.pixel_size)))
+    if args.overlay_folder is not None:  # no reduction of its own: it draws the mask over the image
+        pairs.append((None, overlay_consumer(source, name, args.overlay_folder)))
+    return pairs
+
+
+def overlay_consumer(source, name, overlay_folder):
+    """A consumer of (first row, image rows, mask rows) that writes the image's QC picture."""
+    path = os.path.join(overlay_folder, os.path.splitext(name)[0] + ".png")
+
+    def build(items):
+        overlay = qc_pictures.Overlay(*source.shape)
+        for start, image_rows, mask_rows in items:
+            overlay.add(start, image_rows, mask_rows)
+        qc_pictures.write_png(path, overlay.render())
+
+    return build
+
+
+def output_paths(name, args):
+    """The files an image's outputs are written to (what --skip_existing looks for)."""
+    if args.image_format == "zarr":
+        stem = name[:-len(".zarr")] if name.lower().endswith(".zarr") else name
+        paths = [os.path.join(args.image_folder, name, "labels", args.label_name) if args.output_folder is None
+                 else os.path.join(args.output_folder, stem + ".zarr")]
+    else:
+        paths = [mask_writers.output_path(args.output_folder, name)]
+    if args.save_probabilities:
+        paths.append(mask_writers.probabilities_path(args.output_folder, name))
+    if args.overlay_folder is not None:
+        paths.append(os.path.join(args.overlay_folder, os.path.splitext(name)[0] + ".png"))
+    return paths
+
+
+def prepare_image(path, metadata, args):
+    """Open an image, check it, choose its outputs and compute its statistics: an ImageJob."""
+    started = time.perf_counter()
+    name = os.path.basename(os.path.normpath(path))
+    source = open_image(path, args)
+    try:
+        height, width, channels = source.shape
+        if channels != metadata["number_channels"]:
+            raise image_files.ImageFileError(
+                f"{path}: image has {channels} channel(s), the model expects {metadata['number_channels']}")
+        grid = tiling.tile_grid(height, width, args.tile_size, metadata["radius"], metadata["size_factor"])
+        outputs, consumers = zip(*output_consumers(source, name, metadata, args))
+        mean, std = source.statistics()
+    except BaseException:
+        source.close()
+        raise
+    return ImageJob(path, source, grid, mean, std, outputs, consumers, started)
+
+
+def finish_image(job, tiles):
+    """Reduce an image's tiles into its outputs and write them; returns its ImageResult."""
+    height, width, _ = job.source.shape
+    reductions = [output for output in job.outputs if output is not None]
+    bands = segmentation.assemble_bands(tiles, job.grid, width, reductions)
+    if job.outputs[-1] is None:  # the overlay: it wants the image's rows beside the mask's
+        items = (arrays + [(start, job.source.rows(start, start + len(arrays[0])), arrays[0])]
+                 for start, arrays in bands)
+    else:
+        items = (arrays for _, arrays in bands)
+    try:
+        pipeline.fan_out(items, job.consumers)
+    finally:
+        job.source.close()
+    return ImageResult(job.path, height, width, job.grid.tile_count, time.perf_counter() - job.started)
+
+
+def segment_file(path, predict, metadata, args):
+    """Segment one image and write its outputs; returns (height, width, tile count)."""
+    job = prepare_image(path, metadata, args)
+    batch_size = tiling.tiles_per_batch(args.batch_size, job.grid.tile_shape, args.tile_size)
+    tiles = segmentation.tile_probabilities(job.source, job.grid, predict, job.mean, job.std, batch_size)
+    result = finish_image(job, tiles)
+    return result.height, result.width, result.tiles
+
+
+def prepared(paths, metadata, args):
+    """(path, ImageJob or None, error or None) for every path, in order."""
+    for path in paths:
+        try:
+            yield path, prepare_image(path, metadata, args), None
+        except Exception as error:  # one bad image must not stop the others
+            yield path, None, error
+
+
+def groups(prepared_images, budget):
+    """Consecutive single-tile images of one tile shape, up to `budget` of them, or one other item."""
+    group = []
+    for path, job, error in prepared_images:
+        joins = job is not None and job.single_tile and (not group or job.grid.tile_shape == group[0].grid.tile_shape)
+        if group and (not joins or len(group) >= budget(group[0])):
+            yield group, None
+            group = []
+        if job is None:
+            yield [path], error
+        elif job.single_tile:
+            group.append(job)
+        else:
+            yield [job], None
+    if group:
+        yield group, None
+
+
+def run_group(group, predict, args):
+    """Segment a group of jobs (several single-tile ones batched, or one of many tiles)."""
+    batch_size = tiling.tiles_per_batch(args.batch_size, group[0].grid.tile_shape, args.tile_size)
+    if not group[0].single_tile:
+        job = group[0]
+        yield finish_image(job, segmentation.tile_probabilities(job.source, job.grid, predict, job.mean, job.std,
+                                                                batch_size))
+        return
+    images = [(job.source, job.grid, job.mean, job.std) for job in group]
+    for index, tile in segmentation.single_tile_probabilities(images, predict, batch_size):
+        try:
+            yield finish_image(group[index], [tile])
+        except Exception as error:  # a failed write of one image must not stop the others
+            yield ImageResult(group[index].path, error=error)
+
+
+def segment_images(paths, predict, metadata, args, device_count=1):
+    """An ImageResult per path, in order; the next images are prepared while the model runs."""
+    def budget(job):  # images per group: a batch for every device
+        return tiling.tiles_per_batch(args.batch_size, job.grid.tile_shape, args.tile_size) * device_count
+
+    for group, error in groups(pipeline.prefetch(prepared(paths, metadata, args), LOOK_AHEAD), budget):
+        if error is not None:
+            yield ImageResult(group[0], error=error)
+            continue
+        done = 0
+        try:
+            for result in run_group(group, predict, args):
+                done += 1
+                yield result
+        except Exception as failure:  # the model failed: the group's other images fail, the rest go on
+            for job in group[done:]:
+                job.source.close()
+                yield ImageResult(job.path, error=failure)
