@@ -455,6 +455,8 @@ class Trainer:
         interval_steps, timed_steps, interval_start = 0, 0, time.perf_counter()
         while state["step_in_epoch"] < steps:
             loss_sum, correct, pixels, votes = self.train_step(self.train_iterator, self.stop.vote()).numpy()
+            # the epoch's mean train loss, for training_curves.png (kept in the state across a resume)
+            state["epoch_loss"] = state.get("epoch_loss", 0.0) + float(loss_sum)
             state["step_in_epoch"] += 1
             state["global_step"] += 1
             interval_sums += (loss_sum, correct, pixels)
@@ -503,7 +505,9 @@ class Trainer:
                 raise Interrupted  # the epoch's training is done: a resumed run starts with this test
         test_loss = float(totals[0] / totals[1])
         accuracy, iou, mean_iou = segmentation_metrics(confusion)
+        train_loss = state.pop("epoch_loss", None)
         entry = {"epoch": state["epoch"], "global_step": state["global_step"], "test_loss": test_loss,
+                 "train_loss": None if train_loss is None else train_loss / max(1, state["step_in_epoch"]),
                  "pixel_accuracy": accuracy, "mean_iou": mean_iou,
                  "iou": [None if math.isnan(value) else float(value) for value in iou]}
         state["history"].append(entry)
@@ -517,6 +521,7 @@ class Trainer:
         scalars.update({f"iou/class_{index}": value for index, value in enumerate(iou)})
         write_scalars(self.writers["test"], state["global_step"], scalars)
         self.folder.write_history(state["history"], self.args.number_classes)
+        self.folder.write_curves(state["history"], best_epoch)
         if best_epoch == state["epoch"]:
             self.save_best(entry)
 
@@ -537,6 +542,7 @@ class Trainer:
                         test_loss=entry["test_loss"], pixel_accuracy=entry["pixel_accuracy"],
                         mean_iou=entry["mean_iou"])
         self.folder.save_best(self.export_model, weights, metadata)
+        self.folder.write_test_predictions(self.export_model, self.args.test_database, entry["epoch"])
         self.print(f"saved the best model (epoch {entry['epoch']}) to {self.folder.file(SAVED_MODEL_DIR)}")
 
     def save_resume(self):
