@@ -106,7 +106,7 @@ def parse_args(argv=None):
                         help="','-separated names of the output channels, one per class; unset: class_0, class_1, ...")
     parser.add_argument("--project_url", default=None,
                         help="URL of this project, cited and linked as git_repo; unset: the git remote "
-                             "'origin' of this checkout, if any")
+                             "'origin' of this checkout, if any; '': none")
     parser.add_argument("--weight_formats", default=",".join(WEIGHT_FORMATS),
                         help="','-separated weight formats to include (the TensorFlow bundle is always included)")
     parser.add_argument("--run_tests", type=int, default=1, choices=(0, 1),
