@@ -150,10 +150,11 @@ def check_args(args):
 
 def is_package(path):
     """Whether path is a bioimage.io package zip (it holds an rdf.yaml or bioimageio.yaml)."""
-    if not zipfile.is_zipfile(path):
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return bool({"rdf.yaml", "bioimageio.yaml"} & set(archive.namelist()))
+    except (zipfile.BadZipFile, OSError):
         return False
-    with zipfile.ZipFile(path) as archive:
-        return bool({"rdf.yaml", "bioimageio.yaml"} & set(archive.namelist()))
 
 
 def check_output_path(path):
@@ -565,12 +566,16 @@ def describe_run(args, metadata):
 def write_test_files(image, predict, context, folder):
     """Test tensors (the fitted image and its probabilities) and the cover; returns the fitted image."""
     metadata = context["metadata"]
+    real = image.shape[:2]
     image = fit_to_valid_size(image, context["minimum"], int(metadata["size_factor"]))
     batch = tool_normalize(image)[np.newaxis]
     probabilities = np.asarray(predict(batch), dtype=np.float32)
     np.save(os.path.join(folder, "test_input.npy"), image.astype(np.float32)[np.newaxis])
     np.save(os.path.join(folder, "test_output.npy"), probabilities)
-    write_cover(image, np.argmax(probabilities[0], axis=-1), os.path.join(folder, "cover.png"))
+    # the cover leaves out the reflected padding (at the end of an axis) a small image got
+    height, width = min(real[0], image.shape[0]), min(real[1], image.shape[1])
+    write_cover(image[:height, :width], np.argmax(probabilities[0, :height, :width], axis=-1),
+                os.path.join(folder, "cover.png"))
     context["test_shape"] = f"{image.shape[0]}x{image.shape[1]} pixels, {image.shape[2]} channel(s)"
     return batch, probabilities
 
@@ -672,6 +677,8 @@ def main(argv=None):
         sys.exit(f"error: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
     except RuntimeError as error:  # a conversion or a test of the finished package failed
         sys.exit(f"error: {args.output}: not written: {str(error).splitlines()[0]}")
+    except OSError as error:  # a folder that cannot be written, a full disk
+        sys.exit(f"error: {error.filename or args.output}: {error.strerror or error}")
 
 
 if __name__ == "__main__":

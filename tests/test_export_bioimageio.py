@@ -75,7 +75,7 @@ def description(package):
     return loaded
 
 
-def test_image():
+def real_image():
     return tifffile.imread(TEST_IMAGE)
 
 
@@ -126,7 +126,7 @@ def test_package_gives_the_inference_mask_on_one_tile(saved_model, description, 
     import inference_fcdensenet
 
     monkeypatch.chdir(tmp_path)
-    image = test_image()
+    image = real_image()
     predict, metadata = fcdensenet.load_saved_model(saved_model)
     ours = inference_fcdensenet.segment_array(image, predict, metadata, tile_size=2048)
     reference = predict(image_files.zscore_normalize(image)[np.newaxis])[0]
@@ -201,7 +201,7 @@ def test_package_files(package):
     assert "saved_model.pb" in bundle.namelist() and "variables/variables.index" in bundle.namelist()
     assert "\n# Validation\n" in readme
     assert cover.shape == (256, 256, 3) and cover.dtype == np.uint8
-    image = test_image()
+    image = real_image()
     np.testing.assert_array_equal(test_input[0, :, :, 0], image)  # 256 = 224 + 32: kept whole
     assert test_output.shape == (1, 256, 256, 2)
     np.testing.assert_allclose(test_output.sum(axis=-1), 1.0, atol=1e-5)
@@ -239,7 +239,7 @@ def test_fit_to_valid_size_crops_or_pads_to_minimum_plus_steps():
 def test_tool_normalisation_equals_ours_where_std_exceeds_one():
     import image_files
 
-    image = test_image()
+    image = real_image()
     np.testing.assert_allclose(exporter.tool_normalize(image), image_files.zscore_normalize(image),
                                rtol=0, atol=1e-5)
 
