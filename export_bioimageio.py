@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import getpass
 import importlib.util
-import json
 import os
 import shutil
 import sys
@@ -90,11 +89,13 @@ def parse_args(argv=None):
         description="Write a BioImage Model Zoo package (model spec 0.5) of an FC-DenseNet SavedModel.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--saved_model_filepath", required=True,
-                        help="SavedModel directory written by train_fcdensenet.py or fcdensenet.export_saved_model")
+                        help="SavedModel directory written by train_fcdensenet.py or "
+                             "fcdensenet.export_saved_model")
     parser.add_argument("--output", required=True,
                         help="package to write (a .zip; an existing package there is replaced)")
     parser.add_argument("--name", default=None,
-                        help="model name shown by the tools; unset: 'FC-DenseNet <variant> <classes>-class segmentation'")
+                        help="model name shown by the tools; unset: "
+                             "'FC-DenseNet <variant> <classes>-class segmentation'")
     parser.add_argument("--description", default=DEFAULT_DESCRIPTION, help="one-paragraph model description")
     parser.add_argument("--authors", default=None,
                         help="';'-separated author names; unset: the current user's login name")
@@ -103,7 +104,8 @@ def parse_args(argv=None):
                         help="image (tif/png/jpg) for the test tensors and the cover; unset: the first "
                              "record of the training run's test database")
     parser.add_argument("--class_names", default=None,
-                        help="','-separated names of the output channels, one per class; unset: class_0, class_1, ...")
+                        help="','-separated names of the output channels, one per class; "
+                             "unset: class_0, class_1, ...")
     parser.add_argument("--project_url", default=None,
                         help="URL of this project, cited and linked as git_repo; unset: the git remote "
                              "'origin' of this checkout, if any; '': none")
@@ -132,7 +134,8 @@ def check_dependencies():
 def check_args(args):
     """Check the cheap things first, before any model is loaded; ExportError if unusable."""
     check_dependencies()
-    formats = [name.strip() for name in args.weight_formats.split(",") if name.strip()]
+    formats = args.weight_formats
+    formats = [name.strip() for name in formats.split(",") if name.strip()] if isinstance(formats, str) else formats
     unknown = sorted(set(formats) - set(WEIGHT_FORMATS))
     if unknown:
         raise ExportError(f"--weight_formats: unknown {unknown}; choose from {', '.join(WEIGHT_FORMATS)}")
@@ -437,7 +440,8 @@ def tensor_axes(metadata, minimum, output, class_names):
     axes = [v0_5.BatchAxis()]
     for axis in ("y", "x"):
         if not output:
-            axes.append(v0_5.SpaceInputAxis(id=v0_5.AxisId(axis), size=v0_5.ParameterizedSize(min=minimum, step=step)))
+            size = v0_5.ParameterizedSize(min=minimum, step=step)
+            axes.append(v0_5.SpaceInputAxis(id=v0_5.AxisId(axis), size=size))
             continue
         size = v0_5.SizeReference(tensor_id=v0_5.TensorId(INPUT_ID), axis_id=v0_5.AxisId(axis))
         axes.append(v0_5.SpaceOutputAxisWithHalo(id=v0_5.AxisId(axis), size=size, halo=radius) if radius
@@ -495,17 +499,16 @@ def citations(project_url):
 
 def build_description(files, context):
     """The ModelDescr (validated by bioimageio.spec as it is built; file paths are local)."""
-    from bioimageio.spec.model import v0_5
-
     import pydantic
 
-    metadata = context["metadata"]
     try:
         return _model_description(files, context)
     except pydantic.ValidationError as error:
         first = error.errors()[0]
         location = ".".join(str(part) for part in first["loc"])
-        raise ExportError(f"the package description is invalid: {location}: {first['msg']}") from None
+        detail = f"{location}: {first['msg']}" if location else first["msg"]
+        raise ExportError(f"{context['output']}: not written: the package description is invalid: "
+                          f"{detail}") from None
 
 
 def _model_description(files, context):
@@ -520,7 +523,8 @@ def _model_description(files, context):
         git_repo=v0_5.HttpUrl(context["project_url"]) if context["project_url"] else None,
         documentation=v0_5.FileDescr(source=files["documentation"]),
         covers=[v0_5.FileDescr(source=files["cover"])],
-        tags=["fc-densenet", "semantic-segmentation", "2d", "microscopy", "tensorflow", "onnx"],
+        tags=["fc-densenet", "semantic-segmentation", "2d", "microscopy", "tensorflow"]
+        + (["onnx"] if "onnx" in files else []),
         inputs=inputs, outputs=outputs, weights=weights_description(files, context),
         config=v0_5.Config(fcdensenet={key: value for key, value in metadata.items() if key != "training"}))
 
@@ -533,7 +537,8 @@ def git_remote_url():
     import subprocess
 
     try:
-        url = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "remote", "get-url", "origin"],
+        checkout = os.path.dirname(os.path.abspath(__file__))
+        url = subprocess.run(["git", "-C", checkout, "remote", "get-url", "origin"],
                              capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
@@ -558,13 +563,14 @@ def describe_run(args, metadata):
     return {
         "metadata": metadata, "class_names": names, "minimum": minimum_size(metadata), "authors": authors,
         "name": args.name or f"FC-DenseNet {metadata['variant']} {classes}-class segmentation",
-        "description": args.description, "license": args.license,
+        "description": args.description, "license": args.license, "output": args.output,
         "project_url": args.project_url if args.project_url is not None else git_remote_url(),
     }
 
 
 def write_test_files(image, predict, context, folder):
-    """Test tensors (the fitted image and its probabilities) and the cover; returns the fitted image."""
+    """Test tensors (the fitted image and its probabilities) and the cover; returns the normalised
+    batch and the probabilities, against which the onnx weights are checked."""
     metadata = context["metadata"]
     real = image.shape[:2]
     image = fit_to_valid_size(image, context["minimum"], int(metadata["size_factor"]))
@@ -592,10 +598,12 @@ def write_weights(args, metadata, batch, probabilities, context, folder):
         files["onnx"] = write_onnx(module.serve, metadata, os.path.join(folder, "model.onnx"))
         difference = onnx_difference(files["onnx"], batch, probabilities)
         if not difference <= ONNX_TOLERANCE:
-            raise RuntimeError(f"the ONNX conversion differs from TensorFlow by {difference:.3g} on the test image")
+            raise RuntimeError(f"the ONNX conversion differs from TensorFlow by {difference:.3g} "
+                               "on the test image")
         context["onnx_difference"] = difference
-        context["onnx_line"] = (f"- `onnx` (opset {ONNX_OPSET}, converted from the TensorFlow weights with tf2onnx): "
-                                f"largest probability difference against TensorFlow on the test image {difference:.2g}.")
+        context["onnx_line"] = (f"- `onnx` (opset {ONNX_OPSET}, converted from the TensorFlow weights with "
+                                f"tf2onnx): largest probability difference against TensorFlow on the test "
+                                f"image {difference:.2g}.")
     shutil.rmtree(bundle)
     return files
 

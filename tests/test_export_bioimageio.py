@@ -217,8 +217,8 @@ def test_bundle_serves_a_dict_keyed_by_the_output_id(package, saved_model, tmp_p
     """bioimageio.core calls keras.layers.TFSMLayer(bundle, call_endpoint="serve") and wants a dict."""
     import keras
 
-    with zipfile.ZipFile(package) as archive, zipfile.ZipFile(io.BytesIO(archive.read("tf_saved_model.zip"))) as bundle:
-        bundle.extractall(tmp_path / "bundle")
+    with zipfile.ZipFile(package) as archive:
+        zipfile.ZipFile(io.BytesIO(archive.read("tf_saved_model.zip"))).extractall(tmp_path / "bundle")
     batch = np.random.default_rng(0).standard_normal((1, 64, 96, 1)).astype(np.float32)
     wrapped = keras.layers.TFSMLayer(str(tmp_path / "bundle"), call_endpoint="serve")(batch)
     original = keras.layers.TFSMLayer(saved_model, call_endpoint="serve")(batch)
@@ -335,7 +335,8 @@ def test_trainer_writes_the_package_at_the_end_of_a_run(tmp_path):
         with environment.begin(write=True) as transaction:
             for index in range(count):
                 image = rng.integers(0, 1000, (32, 32, 1)).astype(np.uint16)
-                transaction.put(*records.make_record(f"image{index}", image, (image[..., 0] > 500).astype(np.uint8)))
+                mask = (image[..., 0] > 500).astype(np.uint8)
+                transaction.put(*records.make_record(f"image{index}", image, mask))
         environment.close()
         with open(path / records.FILENAMES_CSV, "w") as handle:
             handle.write("".join(f"image{index}.tif\n" for index in range(count)))
