@@ -63,7 +63,7 @@ class ExportError(ValueError):
 # The one place that names the module of the SavedModel helpers (moving from fcdensenet.py to
 # saved_model.py): re-point this import when the move lands.
 
-def _saved_model_api():
+def saved_model_api():
     try:
         import saved_model as api
     except ModuleNotFoundError as error:
@@ -74,11 +74,11 @@ def _saved_model_api():
 
 
 def read_model_metadata(path):
-    return _saved_model_api().read_metadata(path)
+    return saved_model_api().read_metadata(path)
 
 
 def load_model(path):
-    return _saved_model_api().load_saved_model(path)
+    return saved_model_api().load_saved_model(path)
 
 
 # ---------------------------------------------------------------------------------------------
