@@ -44,6 +44,7 @@ SAVED_MODEL_DIR = "saved_model"
 RESUME_DIR = "resume"
 STATE_FILE = "state.json"
 CKPT_PREFIX = "ckpt"
+BIOIMAGEIO_PACKAGE = "model.bioimageio.zip"  # --export_bioimageio 1
 CURVES_FILE = "training_curves.png"
 PREDICTIONS_FILE = "test_predictions.png"
 PREDICTION_RECORDS = 16

@@ -49,7 +49,7 @@ if __name__ != "__mp_main__":
     from tensorflow.core.framework import summary_pb2
 
     import fcdensenet
-    from run_folder import CKPT_PREFIX, SAVED_MODEL_DIR, RunFolder, run_settings
+    from run_folder import BIOIMAGEIO_PACKAGE, CKPT_PREFIX, SAVED_MODEL_DIR, RunFolder, run_settings
 
 CONVERGENCE_TOLERANCE = 1e-4  # the reference's: test losses this close count as equal
 MAX_WARMUP_STEPS = 1000
@@ -100,6 +100,10 @@ def parse_args(argv=None):
     parser.add_argument("--mixed_precision", type=int, default=0, choices=(0, 1),
                         help="1: mixed_float16 compute with loss scaling (needs a GPU)")
     parser.add_argument("--log_every_n_steps", type=int, default=100, help="steps between progress lines")
+    parser.add_argument("--export_bioimageio", type=int, default=0, choices=(0, 1),
+                        help=f"1: when the run finishes, also write output_dir/{BIOIMAGEIO_PACKAGE}, a BioImage "
+                             "Model Zoo package of the best model (export_bioimageio.py; needs "
+                             "requirements-bioimageio.txt)")
     return parser.parse_args(argv)
 
 
@@ -128,6 +132,10 @@ def check_args(args):
         path = getattr(args, name)
         if not os.path.isdir(path):
             raise ValueError(f"{path}: no such database (an LMDB directory written by build_lmdb.py)")
+    if args.export_bioimageio:  # fail now rather than after the training
+        import export_bioimageio
+
+        export_bioimageio.check_dependencies()
     if args.mixed_precision and not tf.config.list_physical_devices("GPU"):
         raise ValueError("--mixed_precision 1 needs a GPU (float16 compute is slower than float32 on "
                          "the CPU, and this machine shows no GPU to TensorFlow)")
@@ -706,7 +714,23 @@ def train(args, stop):
     print(f"finished: {state['finished']}; best epoch {state['best_epoch']} test loss "
           f"{best['test_loss']:.6f} mean IoU {best['mean_iou']:.4f}; model in "
           f"{folder.file(SAVED_MODEL_DIR)}")
+    if args.export_bioimageio and is_chief:
+        export_bioimageio_package(args.output_dir)
     return 0
+
+
+def export_bioimageio_package(output_dir):
+    """--export_bioimageio 1: the finished run's best model as output_dir/model.bioimageio.zip, its test
+    image the first record of the test database; ValueError (one line) if the export fails."""
+    import export_bioimageio
+
+    target = os.path.join(output_dir, BIOIMAGEIO_PACKAGE)
+    export_args = export_bioimageio.parse_args(
+        ["--saved_model_filepath", os.path.join(output_dir, SAVED_MODEL_DIR), "--output", target])
+    try:
+        export_bioimageio.export_package(export_args)
+    except RuntimeError as error:  # a conversion or a test of the package failed
+        raise ValueError(f"{target}: not written: {str(error).splitlines()[0]}") from None
 
 
 def main(argv=None):
