@@ -38,7 +38,10 @@ import zipfile
 
 import numpy as np
 
+import atomic_files
 import image_files
+import qc_pictures
+import saved_model
 
 OUTPUT_ID = "probabilities"
 INPUT_ID = "input"
@@ -57,28 +60,6 @@ DEFAULT_DESCRIPTION = ("FC-DenseNet (Jegou et al. 2017) semantic segmentation of
 
 class ExportError(ValueError):
     """A user mistake; the message is one line naming the path and the problem."""
-
-
-# ---------------------------------------------------------------------------------------------
-# The one place that names the module of the SavedModel helpers (moving from fcdensenet.py to
-# saved_model.py): re-point this import when the move lands.
-
-def saved_model_api():
-    try:
-        import saved_model as api
-    except ModuleNotFoundError as error:
-        if error.name != "saved_model":
-            raise
-        import fcdensenet as api
-    return api
-
-
-def read_model_metadata(path):
-    return saved_model_api().read_metadata(path)
-
-
-def load_model(path):
-    return saved_model_api().load_saved_model(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,32 +302,12 @@ def onnx_difference(path, batch, reference):
 # ---------------------------------------------------------------------------------------------
 # Cover and documentation
 
-CLASS_COLOURS = np.array([(255, 255, 0), (0, 255, 255), (255, 0, 255), (0, 255, 0), (255, 128, 0),
-                          (0, 128, 255), (255, 0, 0), (128, 0, 255)], dtype=np.uint8)
-
-
-def display_image(image):
-    """8-bit RGB view of an HWC image: the first channel (or the RGB channels), 0.5-99.5% stretched."""
-    view = image[:, :, :3] if image.shape[2] >= 3 else image[:, :, :1]
-    view = view.astype(np.float64)
-    low, high = np.percentile(view, (0.5, 99.5))
-    scaled = np.clip((view - low) / max(high - low, 1e-12), 0, 1)
-    scaled = np.repeat(scaled, 3, axis=2) if scaled.shape[2] == 1 else scaled
-    return (scaled * 255).round().astype(np.uint8)
-
-
 def write_cover(image, mask, path):
     """The test image with the outline of every predicted non-background region, a centred square."""
-    import imageio.v3 as iio
-    from skimage.segmentation import find_boundaries
-
     side = min(mask.shape)
     top, left = (mask.shape[0] - side) // 2, (mask.shape[1] - side) // 2
     image, mask = image[top:top + side, left:left + side], mask[top:top + side, left:left + side]
-    cover = display_image(image)
-    outline = find_boundaries(mask, mode="inner") & (mask > 0)
-    cover[outline] = CLASS_COLOURS[(mask[outline] - 1) % len(CLASS_COLOURS)]
-    iio.imwrite(path, cover, extension=".png")
+    qc_pictures.write_png(path, qc_pictures.draw_outlines(qc_pictures.stretch(image.astype(np.float32)), mask))
     return path
 
 
@@ -641,14 +602,15 @@ def run_model_tests(package, weight_formats, folder):
 def export_package(args, log=print):
     """Write the package at args.output (the parsed flags of this script); returns its path."""
     check_args(args)
-    metadata = read_model_metadata(args.saved_model_filepath)
+    metadata = saved_model.read_metadata(args.saved_model_filepath)
     context = describe_run(args, metadata)
     image, context["test_source"] = load_test_image(args, metadata)
     warn_normalization(image, context["test_source"])
-    predict, metadata = load_model(args.saved_model_filepath)
+    predict, metadata = saved_model.load_saved_model(args.saved_model_filepath)
     target = os.path.abspath(args.output)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=os.path.dirname(target))
-    try:
+    with tempfile.TemporaryDirectory(prefix=f".{os.path.basename(target)}.files-",
+                                     dir=os.path.dirname(target)) as staging, \
+            atomic_files.replacing_file(target) as package:
         files_folder = os.path.join(staging, "files")
         os.makedirs(files_folder)
         batch, probabilities = write_test_files(image, predict, context, files_folder)
@@ -659,17 +621,13 @@ def export_package(args, log=print):
                      test_output=os.path.join(files_folder, "test_output.npy"),
                      cover=os.path.join(files_folder, "cover.png"),
                      documentation=write_documentation(os.path.join(files_folder, "README.md"), context))
-        package = os.path.join(staging, "package.zip")
         from bioimageio.spec import save_bioimageio_package
 
         with quiet_validation():
             description = build_description(files, context)
             save_bioimageio_package(description, output_path=package)
-            if args.run_tests:
+            if args.run_tests:  # the package is renamed into place only once its tests pass
                 run_model_tests(package, args.weight_formats, staging)
-        os.replace(package, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     log(f"wrote {target}: {', '.join(args.weight_formats)}; input {context['minimum']} + n * "
         f"{metadata['size_factor']} pixels, halo {metadata['radius']}"
         + (f"; onnx differs by at most {context['onnx_difference']:.2g}" if "onnx_difference" in context else "")

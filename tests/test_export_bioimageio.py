@@ -22,7 +22,9 @@ pytest.importorskip("tf2onnx")
 pytest.importorskip("onnxruntime")
 
 import export_bioimageio as exporter  # noqa: E402
+import qc_pictures  # noqa: E402
 import records  # noqa: E402
+import saved_model as saved_model_api  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, "export_bioimageio.py")
@@ -42,7 +44,7 @@ def export_tiny_model(path, number_channels=1, number_classes=2, seed=1, extra_m
 
     keras.utils.set_random_seed(seed)
     model = fcdensenet.build_model(number_channels=number_channels, number_classes=number_classes, **TINY)
-    exporter.saved_model_api().export_saved_model(model, path, extra_metadata=extra_metadata)
+    saved_model_api.export_saved_model(model, path, extra_metadata=extra_metadata)
     return str(path)
 
 
@@ -134,7 +136,7 @@ def test_package_gives_the_inference_mask_on_one_tile(saved_model, description, 
 
     monkeypatch.chdir(tmp_path)
     image = real_image()
-    predict, metadata = exporter.load_model(saved_model)
+    predict, metadata = saved_model_api.load_saved_model(saved_model)
     ours = segment_array(image, predict, metadata)
     reference = predict(image_files.zscore_normalize(image)[np.newaxis])[0]
     # as test_model runs it: the package's normalisation, no halo padding around the whole image
@@ -159,7 +161,7 @@ def test_tiled_prediction_through_core_matches_away_from_the_border(saved_model,
     names = sorted(os.listdir(DATA_IMAGES))[:4]
     tiles = [tifffile.imread(os.path.join(DATA_IMAGES, name)) for name in names]
     image = np.block([[tiles[0], tiles[1]], [tiles[2], tiles[3]]])
-    predict, metadata = exporter.load_model(saved_model)
+    predict, metadata = saved_model_api.load_saved_model(saved_model)
     ours = segment_array(image, predict, metadata)
     block = {"input": {AxisId("batch"): 1, AxisId("y"): 320, AxisId("x"): 320, AxisId("channel"): 1}}
     mask = np.argmax(core_probabilities(description, "tensorflow_saved_model_bundle", image,
@@ -211,10 +213,8 @@ def test_package_files(package):
     np.testing.assert_allclose(test_output.sum(axis=-1), 1.0, atol=1e-5)
     # the outlines drawn on the cover are those of the test output's mask
     mask = np.argmax(test_output[0], axis=-1)
-    from skimage.segmentation import find_boundaries
-
-    outline = find_boundaries(mask, mode="inner") & (mask > 0)
-    assert np.all(cover[outline] == exporter.CLASS_COLOURS[0])
+    outline = qc_pictures.outlines(mask) & (mask > 0)
+    assert outline.any() and np.all(cover[outline] == qc_pictures.class_colour(1))
 
 
 def test_bundle_serves_a_dict_keyed_by_the_output_id(package, saved_model, tmp_path):
