@@ -101,7 +101,7 @@ def main():
         model = fcdensenet.build_model("FCDenseNet56", number_channels=1, number_classes=2)
         model_path = os.path.join(workdir, "FCDenseNet56")
         saved_model.export_saved_model(model, model_path)
-        predict, metadata, devices = inference_fcdensenet.load_model(model_path)
+        predict, metadata, devices, engine = inference_fcdensenet.load_model(model_path)
         tf_predict, _ = saved_model.load_saved_model(model_path)
         # warm-up: the traced shapes of both sides
         this_project(predict, metadata, images, names[:70], os.path.join(workdir, "warm"), 0, len(devices))
@@ -115,7 +115,7 @@ def main():
                                  == image_files.read_image(os.path.join(workdir, "reference", name)))
                          for name in names])
     count = len(names)
-    print(f"this project: {count / ours:.2f} images/s ({ours:.1f} s for {count} images, batched across files); "
+    print(f"this project ({engine}): {count / ours:.2f} images/s ({ours:.1f} s for {count} images, batched across files); "
           f"without cross-file batching {count / unbatched:.2f} images/s ({unbatched:.1f} s)")
     print(f"reference approach: {count / baseline:.2f} images/s ({baseline:.1f} s: radius probe, then one "
           f"image a pass)")

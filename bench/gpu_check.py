@@ -50,7 +50,7 @@ def inference_figures(workdir, variant):
     keras.utils.set_random_seed(0)
     path = os.path.join(workdir, variant)
     saved_model.export_saved_model(fcdensenet.build_model(variant, number_channels=1, number_classes=2), path)
-    predict, metadata, _ = inference_fcdensenet.load_model(path)
+    predict, metadata, _, _ = inference_fcdensenet.load_model(path, "tensorflow")
     folders = {"large": [bench_inference.mosaic(4096)], "small": [bench_inference.mosaic(512)] * 64}
     figures = {}
     for label, images in folders.items():
