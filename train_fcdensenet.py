@@ -66,8 +66,16 @@ WARMUP_LR_DIVISOR = 10.0
 
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A flag mistake is one line, `error: ...`, like every other mistake the trainer reports (the
+    usage is one --help away)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         description="Train an FC-DenseNet segmentation model on LMDB databases (see build_lmdb.py).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--train_database", required=True, help="training LMDB directory")
