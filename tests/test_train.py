@@ -184,6 +184,10 @@ REPLICA_STEP = textwrap.dedent("""
                              average=average)
     loss, correct, pixels, votes = step(iterator, tf.constant(1.0)).numpy()
     averages = {f"average_{i}": v.numpy() for i, v in enumerate(average.shadows)} if average else {}
+    if average:  # what the test pass and the export see: the average, on every replica
+        with average.swapped_in():
+            averages.update({f"swapped_{i}": np.stack([t.numpy() for t in strategy.experimental_local_results(
+                v.value)]) for i, v in enumerate(model.trainable_variables)})
     trainable = {f"trainable_{i}": v.numpy() for i, v in enumerate(model.trainable_variables)}
     np.savez(output, loss=loss, expected=expected, pixels=pixels, votes=votes, *initial,
              **{f"after_{i}": w for i, w in enumerate(model.get_weights())}, **averages, **trainable)
@@ -231,12 +235,19 @@ def test_dice_loss_and_weight_average_are_the_same_on_one_and_two_replicas(tmp_p
     assert one["loss"] == pytest.approx(float(one["expected"]), rel=1e-5)
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
     averages = [key for key in one if key.startswith("average_")]
-    assert averages and len(averages) == len([key for key in one if key.startswith("trainable_")])
+    assert averages and len(averages) == len([key for key in one if key.startswith("swapped_")])
+    assert len(averages) == len([key for key in one if key.startswith("trainable_")])
     differ = 0
     for key in averages:
         np.testing.assert_allclose(two[key], one[key], rtol=0, atol=1e-5, err_msg=key)
         differ += not np.allclose(one[key], one[key.replace("average_", "trainable_")], rtol=0, atol=1e-7)
     assert differ > len(averages) // 2  # the average is not the weights (its first decay is 0.1)
+    for result in (one, two):
+        for key in averages:
+            swapped = result[key.replace("average_", "swapped_")]
+            assert len(swapped) == (1 if result is one else 2)
+            for copy in swapped:
+                np.testing.assert_array_equal(copy, result[key], err_msg=key)
 
 
 MIXED_STEP = textwrap.dedent("""
