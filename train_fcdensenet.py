@@ -9,7 +9,8 @@
 One process drives every visible GPU through MirroredStrategy (all logical CPUs when there is no GPU);
 with TF_CONFIG set, or under SLURM with more than one task, MultiWorkerMirroredStrategy spans nodes.
 The first epoch is a warm-up of min(1000, test_every_n_steps) steps at learning_rate / 10; every later
-epoch is test_every_n_steps steps at learning_rate, followed by a pass over the whole test set.
+epoch is test_every_n_steps steps at learning_rate (or on a schedule decaying to zero at max_epochs),
+followed by a pass over the whole test set (of the weight average, with --weight_averaging 1).
 
 Files in output_dir (written by the chief worker only):
     run_settings.json        the settings that define this run (a resumed run must match them)
