@@ -55,9 +55,11 @@ RUN_MARKERS = (SETTINGS_FILE, TEST_LOSS_FILE, TEST_METRICS_FILE, BEST_CHECKPOINT
 RUN_DEFINING = ("train_database", "test_database", "batch_size", "number_classes", "learning_rate",
                 "test_every_n_steps", "balance_classes", "use_augmentation", "early_stopping",
                 "model", "layers_per_block", "growth_rate", "dropout_rate", "seed", "mixed_precision",
-                "augmentation", "crop_size")
+                "augmentation", "crop_size", "lr_schedule", "decay_epochs", "weight_averaging",
+                "weight_averaging_decay", "loss")
 # the values that settings written before a flag existed stand for
-SETTINGS_DEFAULTS = {"crop_size": 0}
+SETTINGS_DEFAULTS = {"crop_size": 0, "lr_schedule": "constant", "decay_epochs": None, "weight_averaging": 0,
+                     "weight_averaging_decay": None, "loss": "cross_entropy"}
 
 
 def run_settings(args, augmentation):
@@ -66,6 +68,12 @@ def run_settings(args, augmentation):
     settings["train_database"] = os.path.abspath(args.train_database)
     settings["test_database"] = os.path.abspath(args.test_database)
     settings["augmentation"] = augmentation.to_dict() if args.use_augmentation else None
+    # a decaying schedule spans max_epochs, so they define the run; a constant rate leaves
+    # max_epochs free (a finished run can be extended)
+    decaying = getattr(args, "lr_schedule", "constant") != "constant"
+    settings["decay_epochs"] = args.max_epochs if decaying else None
+    if not getattr(args, "weight_averaging", 0):
+        settings["weight_averaging_decay"] = None
     return settings
 
 

@@ -9,7 +9,8 @@
 One process drives every visible GPU through MirroredStrategy (all logical CPUs when there is no GPU);
 with TF_CONFIG set, or under SLURM with more than one task, MultiWorkerMirroredStrategy spans nodes.
 The first epoch is a warm-up of min(1000, test_every_n_steps) steps at learning_rate / 10; every later
-epoch is test_every_n_steps steps at learning_rate, followed by a pass over the whole test set.
+epoch is test_every_n_steps steps at learning_rate (or on a schedule decaying to zero at max_epochs),
+followed by a pass over the whole test set (of the weight average, with --weight_averaging 1).
 
 Files in output_dir (written by the chief worker only):
     run_settings.json        the settings that define this run (a resumed run must match them)
@@ -50,6 +51,15 @@ if __name__ != "__mp_main__":
 
     import fcdensenet
     from run_folder import BIOIMAGEIO_PACKAGE, CKPT_PREFIX, SAVED_MODEL_DIR, RunFolder, run_settings
+    from training_recipe import (
+        DEFAULT_AVERAGE_DECAY,
+        LOSSES,
+        LR_SCHEDULES,
+        RatePlan,
+        WeightAverage,
+        learning_rate_at,
+        per_example_loss,
+    )
 
 CONVERGENCE_TOLERANCE = 1e-4  # the reference's: test losses this close count as equal
 MAX_WARMUP_STEPS = 1000
@@ -57,8 +67,16 @@ WARMUP_LR_DIVISOR = 10.0
 
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A flag mistake is one line, `error: ...`, like every other mistake the trainer reports (the
+    usage is one --help away)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         description="Train an FC-DenseNet segmentation model on LMDB databases (see build_lmdb.py).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--train_database", required=True, help="training LMDB directory")
@@ -104,6 +122,19 @@ def parse_args(argv=None):
                         help=f"1: when the run finishes, also write output_dir/{BIOIMAGEIO_PACKAGE}, a BioImage "
                              "Model Zoo package of the best model (export_bioimageio.py; needs "
                              "requirements-bioimageio.txt)")
+    parser.add_argument("--lr_schedule", default="constant", choices=LR_SCHEDULES,
+                        help="learning rate after the warm-up: constant (the reference's), or decaying to "
+                             "zero at the end of --max_epochs (required) by a half cosine or nnU-Net's "
+                             "poly (1 - t)^0.9")
+    parser.add_argument("--weight_averaging", type=int, default=0, choices=(0, 1),
+                        help="1: keep an exponential moving average of the weights; the test passes score "
+                             "it and the best model exported is it")
+    parser.add_argument("--weight_averaging_decay", type=float, default=DEFAULT_AVERAGE_DECAY,
+                        help="decay of the average, in (0, 1); the decay of update n is min(decay, "
+                             "(1 + n) / (10 + n)), so a short run averages its own last ~10%% of steps")
+    parser.add_argument("--loss", default="cross_entropy", choices=LOSSES,
+                        help="training and test loss: cross-entropy (the reference's), or plus the soft "
+                             "Dice of the foreground classes (nnU-Net's); early stopping follows it")
     return parser.parse_args(argv)
 
 
@@ -125,6 +156,10 @@ def check_args(args):
     if args.crop_size < 0 or args.crop_size % SIZE_FACTOR:
         raise ValueError(f"--crop_size must be 0 or a positive multiple of {SIZE_FACTOR}, "
                          f"got {args.crop_size}")
+    if args.lr_schedule != "constant" and args.max_epochs is None:
+        raise ValueError(f"--lr_schedule {args.lr_schedule} needs --max_epochs (the rate decays to zero there)")
+    if args.weight_averaging and not 0 < args.weight_averaging_decay < 1:
+        raise ValueError(f"--weight_averaging_decay must be in (0, 1), got {args.weight_averaging_decay}")
     for name in ("layers_per_block", "growth_rate"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -206,6 +241,16 @@ def build_model(args, number_channels):
                                   layers_per_block=args.layers_per_block, growth_rate=args.growth_rate)
 
 
+def rate_plan(args, warmup_steps):
+    """The learning-rate plan of a run: the warm-up epoch at learning_rate / 10, then the schedule,
+    which (decaying) reaches zero at the end of epoch max_epochs - 1, the warm-up counted."""
+    total_steps = None
+    if args.max_epochs is not None:
+        total_steps = warmup_steps + (args.max_epochs - 1) * args.test_every_n_steps
+    return RatePlan(warmup_steps=warmup_steps, warmup_rate=args.learning_rate / WARMUP_LR_DIVISOR,
+                    rate=args.learning_rate, schedule=args.lr_schedule, total_steps=total_steps)
+
+
 def build_optimizer(strategy, model, learning_rate, mixed_precision=False):
     """Adam, built inside the strategy scope before the first distributed step (see STACK-NOTES)."""
     with strategy.scope():
@@ -216,18 +261,13 @@ def build_optimizer(strategy, model, learning_rate, mixed_precision=False):
     return optimizer
 
 
-def per_example_loss(labels, probabilities):
-    """Categorical cross-entropy of the softmax, averaged over each example's pixels: shape (N,)."""
-    pixel_loss = keras.losses.sparse_categorical_crossentropy(labels, probabilities)
-    return tf.reduce_mean(tf.reshape(pixel_loss, [tf.shape(pixel_loss)[0], -1]), axis=1)
-
-
-def make_train_step(strategy, model, optimizer, global_batch_size):
+def make_train_step(strategy, model, optimizer, global_batch_size, loss_name="cross_entropy", average=None):
     """step(iterator, stop) -> [loss, correct pixels, pixels, stop votes], summed over all replicas.
 
     Each replica divides its summed loss by the GLOBAL batch size, so that the all-reduced gradient
     is the gradient of the mean over the global batch whatever the replica count. `stop` (0 or 1 per
     worker) is summed with the rest so every worker learns in the same step that one was signalled.
+    `average` (a WeightAverage) is updated after the optimizer step, in cross-replica context.
     """
     replicas = strategy.num_replicas_in_sync
     scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
@@ -236,7 +276,7 @@ def make_train_step(strategy, model, optimizer, global_batch_size):
         labels = tf.cast(masks, tf.int32)
         with tf.GradientTape() as tape:
             probabilities = model(images, training=True)
-            loss = tf.reduce_sum(per_example_loss(labels, probabilities)) / global_batch_size
+            loss = tf.reduce_sum(per_example_loss(labels, probabilities, loss_name)) / global_batch_size
             objective = loss
             if model.losses:  # L2 terms: counted once over the sum of the replicas
                 objective += tf.add_n(model.losses) / replicas
@@ -253,12 +293,14 @@ def make_train_step(strategy, model, optimizer, global_batch_size):
     def step(iterator, stop):
         images, masks = next(iterator)
         per_replica = strategy.run(replica_step, args=(images, masks, stop))
+        if average is not None:
+            average.update()
         return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
     return step
 
 
-def make_test_step(strategy, model, number_classes):
+def make_test_step(strategy, model, number_classes, loss_name="cross_entropy"):
     """step(iterator, stop) -> ([loss sum, examples, stop votes], confusion matrix), summed over replicas.
 
     Examples carry a weight (0 for the padding of the last batch of a pass) so a pass counts every
@@ -267,7 +309,7 @@ def make_test_step(strategy, model, number_classes):
     def replica_step(images, masks, weights, stop):
         labels = tf.cast(masks, tf.int32)
         probabilities = model(images, training=False)
-        loss_sum = tf.reduce_sum(per_example_loss(labels, probabilities) * weights)
+        loss_sum = tf.reduce_sum(per_example_loss(labels, probabilities, loss_name) * weights)
         predicted = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
         pixel_weights = tf.broadcast_to(weights[:, None, None], tf.shape(labels))
         confusion = tf.math.confusion_matrix(tf.reshape(labels, [-1]), tf.reshape(predicted, [-1]),
@@ -407,9 +449,17 @@ class Trainer:
         with strategy.scope():
             self.model = build_model(args, channels)
         self.optimizer = build_optimizer(strategy, self.model, args.learning_rate, args.mixed_precision)
-        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer)
-        self.train_step = make_train_step(strategy, self.model, self.optimizer, self.global_batch)
-        self.test_step = make_test_step(strategy, self.model, args.number_classes)
+        self.rate_plan = rate_plan(args, self.warmup_steps)
+        self.average = None
+        tracked = {"model": self.model, "optimizer": self.optimizer}
+        if args.weight_averaging:
+            with strategy.scope():
+                self.average = tracked["weight_average"] = WeightAverage(
+                    self.model.trainable_variables, args.weight_averaging_decay)
+        self.checkpoint = tf.train.Checkpoint(**tracked)
+        self.train_step = make_train_step(strategy, self.model, self.optimizer, self.global_batch, args.loss,
+                                          self.average)
+        self.test_step = make_test_step(strategy, self.model, args.number_classes, args.loss)
         self.sync_statistics = make_statistics_sync(strategy, self.model)
 
         self.train_iterator = iter(distribute(strategy, train_reader.get_tf_dataset, self.global_batch))
@@ -442,11 +492,9 @@ class Trainer:
         root = self.folder.file(self.state["tensorboard_dir"])
         return {name: tf.summary.create_file_writer(os.path.join(root, name)) for name in ("train", "test")}
 
-    def epoch_plan(self, epoch):
-        """(steps, learning rate) of an epoch: the first is the warm-up."""
-        if epoch == 0:
-            return self.warmup_steps, self.args.learning_rate / WARMUP_LR_DIVISOR
-        return self.args.test_every_n_steps, self.args.learning_rate
+    def epoch_steps(self, epoch):
+        """Training steps of an epoch: the first is the warm-up."""
+        return self.warmup_steps if epoch == 0 else self.args.test_every_n_steps
 
     def run(self):
         self.writers = self.open_writers()
@@ -457,11 +505,13 @@ class Trainer:
 
     def train_epoch(self):
         state = self.state
-        steps, learning_rate = self.epoch_plan(state["epoch"])
-        self.optimizer.learning_rate = learning_rate
+        steps = self.epoch_steps(state["epoch"])
         interval_sums = np.zeros(3)
         interval_steps, timed_steps, interval_start = 0, 0, time.perf_counter()
         while state["step_in_epoch"] < steps:
+            # from the global step alone, so that a resumed run continues the schedule exactly
+            learning_rate = learning_rate_at(state["global_step"], self.rate_plan)
+            self.optimizer.learning_rate = learning_rate
             loss_sum, correct, pixels, votes = self.train_step(self.train_iterator, self.stop.vote()).numpy()
             # the epoch's mean train loss, for training_curves.png (kept in the state across a resume)
             state["epoch_loss"] = state.get("epoch_loss", 0.0) + float(loss_sum)
@@ -503,35 +553,24 @@ class Trainer:
     def test_epoch(self):
         state = self.state
         self.sync_statistics()
-        totals = np.zeros(3)
-        confusion = np.zeros((self.args.number_classes,) * 2)
-        for _ in range(self.test_steps):
-            step_totals, step_confusion = self.test_step(self.test_iterator, self.stop.vote())
-            totals += step_totals.numpy()
-            confusion += step_confusion.numpy()
-            if self.stop_agreed(totals[2]):
-                raise Interrupted  # the epoch's training is done: a resumed run starts with this test
-        test_loss = float(totals[0] / totals[1])
-        accuracy, iou, mean_iou = segmentation_metrics(confusion)
-        train_loss = state.pop("epoch_loss", None)
-        entry = {"epoch": state["epoch"], "global_step": state["global_step"], "test_loss": test_loss,
-                 "train_loss": None if train_loss is None else train_loss / max(1, state["step_in_epoch"]),
-                 "pixel_accuracy": accuracy, "mean_iou": mean_iou,
-                 "iou": [None if math.isnan(value) else float(value) for value in iou]}
-        state["history"].append(entry)
-        best_epoch, stop = early_stopping_status([e["test_loss"] for e in state["history"]],
-                                                 self.args.early_stopping)
-        state["best_epoch"] = best_epoch
-        iou_text = " ".join(f"{value:.4f}" for value in iou)
-        self.print(f"test epoch {state['epoch']}: loss {test_loss:.6f} pixel accuracy {accuracy:.4f} "
-                   f"mean IoU {mean_iou:.4f} IoU per class [{iou_text}] (best epoch {best_epoch})")
-        scalars = {"loss": test_loss, "pixel_accuracy": accuracy, "mean_iou": mean_iou}
-        scalars.update({f"iou/class_{index}": value for index, value in enumerate(iou)})
-        write_scalars(self.writers["test"], state["global_step"], scalars)
-        self.folder.write_history(state["history"], self.args.number_classes)
-        self.folder.write_curves(state["history"], best_epoch)
-        if best_epoch == state["epoch"]:
-            self.save_best(entry)
+        with self.scored_weights():  # the test pass and the export see the same weights
+            entry, iou = self.test_pass()
+            state["history"].append(entry)
+            best_epoch, stop = early_stopping_status([e["test_loss"] for e in state["history"]],
+                                                     self.args.early_stopping)
+            state["best_epoch"] = best_epoch
+            iou_text = " ".join(f"{value:.4f}" for value in iou)
+            self.print(f"test epoch {state['epoch']}: loss {entry['test_loss']:.6f} pixel accuracy "
+                       f"{entry['pixel_accuracy']:.4f} mean IoU {entry['mean_iou']:.4f} IoU per class "
+                       f"[{iou_text}] (best epoch {best_epoch})")
+            scalars = {"loss": entry["test_loss"], "pixel_accuracy": entry["pixel_accuracy"],
+                       "mean_iou": entry["mean_iou"]}
+            scalars.update({f"iou/class_{index}": value for index, value in enumerate(iou)})
+            write_scalars(self.writers["test"], state["global_step"], scalars)
+            self.folder.write_history(state["history"], self.args.number_classes)
+            self.folder.write_curves(state["history"], best_epoch)
+            if best_epoch == state["epoch"]:
+                self.save_best(entry)
 
         state["epoch"] += 1
         state["step_in_epoch"] = 0
@@ -540,7 +579,29 @@ class Trainer:
                                  f"improvement since epoch {best_epoch}")
         elif self.args.max_epochs is not None and len(state["history"]) >= self.args.max_epochs:
             state["finished"] = f"max_epochs {self.args.max_epochs} reached"
-        self.save_resume()
+        self.save_resume()  # the trained weights: the average lives in its own checkpoint slot
+
+    def scored_weights(self):
+        """The weights the test pass scores and the best model exports: the average, if kept."""
+        return self.average.swapped_in() if self.average is not None else contextlib.nullcontext()
+
+    def test_pass(self):
+        """One pass over the test set: (its history entry, the per-class IoU with NaN for absent classes)."""
+        totals = np.zeros(3)
+        confusion = np.zeros((self.args.number_classes,) * 2)
+        for _ in range(self.test_steps):
+            step_totals, step_confusion = self.test_step(self.test_iterator, self.stop.vote())
+            totals += step_totals.numpy()
+            confusion += step_confusion.numpy()
+            if self.stop_agreed(totals[2]):
+                raise Interrupted  # the epoch's training is done: a resumed run starts with this test
+        accuracy, iou, mean_iou = segmentation_metrics(confusion)
+        train_loss = self.state.pop("epoch_loss", None)  # the pass is complete: the epoch's mean goes in its entry
+        entry = {"epoch": self.state["epoch"], "global_step": self.state["global_step"],
+                 "test_loss": float(totals[0] / totals[1]), "pixel_accuracy": accuracy, "mean_iou": mean_iou,
+                 "train_loss": None if train_loss is None else train_loss / max(1, self.state["step_in_epoch"]),
+                 "iou": [None if math.isnan(value) else float(value) for value in iou]}
+        return entry, iou
 
     def save_best(self, entry):
         weights = self.model.get_weights()  # on every worker: reading may all-reduce
@@ -643,9 +704,14 @@ def print_setup(args, trainer, workers, augmentation):
           f"test steps per pass: {trainer.test_steps}")
     print(f"model: {trainer.model.name}  parameters: {trainer.model.count_params():,}  "
           f"mixed precision: {bool(args.mixed_precision)}")
+    schedule = (f"at {args.learning_rate:g}" if args.lr_schedule == "constant" else
+                f"from {args.learning_rate:g} ({args.lr_schedule}) to 0 at step {trainer.rate_plan.total_steps}")
     print(f"epochs: warm-up {trainer.warmup_steps} steps at {args.learning_rate / WARMUP_LR_DIVISOR:g}, "
-          f"then {args.test_every_n_steps} steps at {args.learning_rate:g}; early stopping "
+          f"then {args.test_every_n_steps} steps {schedule}; early stopping "
           f"{args.early_stopping}; max epochs {args.max_epochs or 'no limit'}")
+    average = (f"weight average (decay {args.weight_averaging_decay:g}) tested and exported"
+               if args.weight_averaging else "no weight average")
+    print(f"loss: {args.loss}; {average}")
     if args.use_augmentation:
         print("augmentation: " + ", ".join(f"{k}={v}" for k, v in augmentation.to_dict().items()))
     else:

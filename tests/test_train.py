@@ -144,12 +144,13 @@ REPLICA_STEP = textwrap.dedent("""
     import sys
     import numpy as np
     import tensorflow as tf
-    replicas, output = int(sys.argv[1]), sys.argv[2]
+    replicas, output, loss_name, averaging = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4] == "1"
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
     import keras
     import fcdensenet
     import train_fcdensenet as T
+    from training_recipe import WeightAverage, per_example_loss
 
     strategy = T.make_strategy()
     assert strategy.num_replicas_in_sync == replicas
@@ -158,6 +159,10 @@ REPLICA_STEP = textwrap.dedent("""
         model = fcdensenet.build_model("FCDenseNet56", number_channels=2, number_classes=3, dropout_rate=0.0,
                                        layers_per_block=1, growth_rate=4)
     optimizer = T.build_optimizer(strategy, model, learning_rate=1e-3)
+    average = None
+    if averaging:
+        with strategy.scope():
+            average = WeightAverage(model.trainable_variables)
     initial = [w.copy() for w in model.get_weights()]
     rng = np.random.default_rng(5)
     half_images = rng.standard_normal((2, 32, 32, 2)).astype(np.float32)
@@ -172,28 +177,42 @@ REPLICA_STEP = textwrap.dedent("""
         probabilities = model(images, training=True).numpy()
         picked = np.take_along_axis(probabilities, masks[..., None].astype(np.int64), axis=-1)
         expected = float(np.mean(-np.log(np.clip(picked, 1e-7, 1.0))))
+        if loss_name != "cross_entropy":  # per_example_loss itself is checked against numpy
+            expected = float(np.mean(per_example_loss(masks, probabilities, loss_name).numpy()))
         model.set_weights(initial)  # undo the BatchNormalization statistics update of that call
-    step = T.make_train_step(strategy, model, optimizer, global_batch_size=4)
+    step = T.make_train_step(strategy, model, optimizer, global_batch_size=4, loss_name=loss_name,
+                             average=average)
     loss, correct, pixels, votes = step(iterator, tf.constant(1.0)).numpy()
+    averages = {f"average_{i}": v.numpy() for i, v in enumerate(average.shadows)} if average else {}
+    if average:  # what the test pass and the export see: the average, on every replica
+        with average.swapped_in():
+            averages.update({f"swapped_{i}": np.stack([t.numpy() for t in strategy.experimental_local_results(
+                v.value)]) for i, v in enumerate(model.trainable_variables)})
+    trainable = {f"trainable_{i}": v.numpy() for i, v in enumerate(model.trainable_variables)}
     np.savez(output, loss=loss, expected=expected, pixels=pixels, votes=votes, *initial,
-             **{f"after_{i}": w for i, w in enumerate(model.get_weights())})
+             **{f"after_{i}": w for i, w in enumerate(model.get_weights())}, **averages, **trainable)
 """)
 
 
-@pytest.mark.slow
-def test_one_step_is_the_same_on_one_and_two_replicas(tmp_path):
+def replica_steps(tmp_path, loss_name="cross_entropy", averaging=False):
+    """One training step on 1 and on 2 logical CPU devices: the two .npz results."""
     script = tmp_path / "replica_step.py"
     script.write_text(REPLICA_STEP)
     env = dict(os.environ, **QUIET_TF, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     processes = {  # side by side: each is mostly TensorFlow start-up
         replicas: subprocess.Popen(
-            [sys.executable, str(script), str(replicas), str(tmp_path / f"step{replicas}.npz")],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            [sys.executable, str(script), str(replicas), str(tmp_path / f"step{replicas}.npz"), loss_name,
+             str(int(averaging))], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         for replicas in (1, 2)}
     for process in processes.values():
         log = process.communicate(timeout=240)[0]
         assert process.returncode == 0, log[-3000:]
-    one, two = (dict(np.load(tmp_path / f"step{replicas}.npz")) for replicas in (1, 2))
+    return tuple(dict(np.load(tmp_path / f"step{replicas}.npz")) for replicas in (1, 2))
+
+
+@pytest.mark.slow
+def test_one_step_is_the_same_on_one_and_two_replicas(tmp_path):
+    one, two = replica_steps(tmp_path)
     assert one["pixels"] == two["pixels"] == 4 * 32 * 32
     assert one["votes"] == 1 and two["votes"] == 2  # every replica reports the stop request
     assert one["loss"] == pytest.approx(float(one["expected"]), rel=1e-5)
@@ -208,6 +227,27 @@ def test_one_step_is_the_same_on_one_and_two_replicas(tmp_path):
         np.testing.assert_allclose(two[key], one[key], rtol=0, atol=1e-5, err_msg=key)
         moved += not np.allclose(one[key], one[key.replace("after_", "arr_")])
     assert moved > len(after) // 2  # the step did update the weights
+
+
+@pytest.mark.slow
+def test_dice_loss_and_weight_average_are_the_same_on_one_and_two_replicas(tmp_path):
+    one, two = replica_steps(tmp_path, "dice_cross_entropy", averaging=True)
+    assert one["loss"] == pytest.approx(float(one["expected"]), rel=1e-5)
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    averages = [key for key in one if key.startswith("average_")]
+    assert averages and len(averages) == len([key for key in one if key.startswith("swapped_")])
+    assert len(averages) == len([key for key in one if key.startswith("trainable_")])
+    differ = 0
+    for key in averages:
+        np.testing.assert_allclose(two[key], one[key], rtol=0, atol=1e-5, err_msg=key)
+        differ += not np.allclose(one[key], one[key.replace("average_", "trainable_")], rtol=0, atol=1e-7)
+    assert differ > len(averages) // 2  # the average is not the weights (its first decay is 0.1)
+    for result in (one, two):
+        for key in averages:
+            swapped = result[key.replace("average_", "swapped_")]
+            assert len(swapped) == (1 if result is one else 2)
+            for copy in swapped:
+                np.testing.assert_array_equal(copy, result[key], err_msg=key)
 
 
 MIXED_STEP = textwrap.dedent("""
@@ -532,3 +572,111 @@ def test_two_workers_end_with_identical_weights_and_only_the_chief_writes(tmp_pa
     assert sorted(os.listdir(output)) == ["resume"]
     state = json.loads((output / "resume" / "state.json").read_text())
     assert state == {"written_by": 0}
+
+
+# ----------------------------------------------------------------------------------------------
+# the training recipe: decaying rate, weight average, Dice + cross-entropy
+
+RECIPE = ["--lr_schedule", "cosine", "--weight_averaging", "1", "--loss", "dice_cross_entropy"]
+
+
+def learning_rates(output):
+    """{global step: learning rate} from the run's TensorBoard train summaries (every event file)."""
+    import tensorflow as tf
+
+    boards = [name for name in os.listdir(output) if name.startswith("tensorboard-")]
+    assert len(boards) == 1
+    rates = {}
+    for name in sorted(os.listdir(output / boards[0] / "train")):
+        for record in tf.data.TFRecordDataset(str(output / boards[0] / "train" / name)):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                if value.tag == "learning_rate":
+                    assert event.step not in rates, f"step {event.step} logged twice"
+                    rates[event.step] = float(tf.make_ndarray(value.tensor))
+    return rates
+
+
+def logged_rates(stdout):
+    """{global step: the 'lr' text} of the progress lines."""
+    rates = {}
+    for line in stdout.splitlines():
+        if "(global " in line and " lr " in line:
+            rates[int(line.split("(global ")[1].split(")")[0])] = line.split(" lr ")[1].split()[0]
+    return rates
+
+
+@pytest.mark.slow
+def test_decaying_rate_and_weight_average_resume_exactly(databases, tmp_path):
+    import tensorflow as tf
+
+    recipe = ["--batch_size", "2", "--test_every_n_steps", "4", "--max_epochs", "3", "--seed", "0",
+              "--log_every_n_steps", "1", "--learning_rate", "1e-2", *RECIPE]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    result, _ = run(train_command(databases, whole, *recipe))
+    assert result.returncode == 0, result.stderr[-3000:]
+    code, first = interrupt_after(train_command(databases, parts, *recipe), "epoch 1 step 2/4",
+                                  lambda p: p.send_signal(signal.SIGTERM))
+    assert code == 143, first
+    resumed_at = json.loads((parts / "resume" / "state.json").read_text())["global_step"]
+    assert 6 <= resumed_at < 12
+    rest, _ = run(train_command(databases, parts, *recipe))
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    assert f"(global step {resumed_at}, " in rest.stdout, rest.stdout
+    assert "finished: max_epochs 3 reached" in rest.stdout, rest.stdout
+
+    # the rate of every step, the resumed ones included, is the uninterrupted run's
+    expected = learning_rates(whole)
+    assert sorted(expected) == list(range(1, 13))
+    assert learning_rates(parts) == expected
+    text = logged_rates(result.stdout)
+    assert logged_rates(rest.stdout) == {step: text[step] for step in range(resumed_at + 1, 13)}
+    assert expected[4] == pytest.approx(1e-3) and expected[5] == pytest.approx(1e-2)  # warm-up, then decay
+    assert expected[9] == pytest.approx(5e-3) and 0 < expected[12] < expected[11] < expected[5]
+
+    # the average kept counting through the resume: one update per step of the whole run
+    reader = tf.train.load_checkpoint(str(parts / "resume" / "ckpt"))
+    updates = [key for key in reader.get_variable_to_shape_map() if key.startswith("weight_average/updates")]
+    assert len(updates) == 1 and reader.get_tensor(updates[0]) == 12
+
+
+@pytest.mark.slow
+def test_weight_average_is_what_the_test_pass_scores_and_the_best_model_exports(databases, tmp_path):
+    import tensorflow as tf
+
+    import fcdensenet
+    import image_files
+    from training_recipe import WeightAverage, per_example_loss
+
+    output = tmp_path / "run"
+    result, _ = run(train_command(databases, output, "--batch_size", "2", "--test_every_n_steps", "3",
+                                  "--max_epochs", "1", "--seed", "2", "--learning_rate", "0.1", *RECIPE))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "loss: dice_cross_entropy; weight average (decay 0.999) tested and exported" in result.stdout
+
+    def tiny_model():
+        return fcdensenet.build_model("FCDenseNet56", number_channels=1, number_classes=2, layers_per_block=1,
+                                      growth_rate=4)
+    trained = tiny_model()
+    average = WeightAverage(trained.trainable_variables)
+    tf.train.Checkpoint(model=trained, weight_average=average).read(
+        str(output / "resume" / "ckpt")).expect_partial()
+    exported = tiny_model()
+    tf.train.Checkpoint(model=exported).read(str(output / "checkpoint" / "ckpt")).expect_partial()
+    differ = 0
+    for weights, shadow, kept in zip(trained.trainable_variables, average.shadows, exported.trainable_variables):
+        np.testing.assert_array_equal(kept.numpy(), shadow.numpy())  # the export is the average...
+        differ += not np.allclose(weights.numpy(), shadow.numpy(), rtol=0, atol=1e-6)
+    assert differ > len(average.shadows) // 2  # ...not the trained weights
+
+    # and the test loss the run logged (early stopping's) is the exported model's Dice + cross-entropy
+    env = lmdb.open(databases["test"], readonly=True, lock=False)
+    with env.begin() as transaction:
+        pairs = [records.decode_record(value) for _, value in transaction.cursor()]
+    env.close()
+    images = np.stack([image_files.zscore_normalize(pair.image) for pair in pairs])
+    masks = np.stack([pair.mask for pair in pairs]).astype(np.int64)
+    predict, _ = saved_model.load_saved_model(str(output / "saved_model"))
+    loss = float(np.mean(per_example_loss(masks, predict(images), "dice_cross_entropy").numpy()))
+    logged = float((output / "test_loss.csv").read_text().split()[0])
+    assert loss == pytest.approx(logged, rel=1e-4)
