@@ -258,6 +258,46 @@ def test_killed_worker_is_detected(small_db):
     assert wait_until_gone(pids) == []
 
 
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSEGV])
+def test_a_death_is_known_without_reading(small_db, sig):
+    """Nothing reads (the ring is full, as a test reader's between test passes): check() raises."""
+    with ImageReader(small_db, num_workers=2, seed=0, queue_size_per_worker=2, name="train") as reader:
+        while reader.queue_depth() < reader.capacity:
+            time.sleep(0.05)
+        pids = reader.worker_pids
+        os.kill(pids[0], sig)
+        deadline = time.monotonic() + 10
+        while reader.failure is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(ReaderError, match=f"train reader worker 0 was killed by signal {sig.name}$") as error:
+            reader.check()
+        assert error.value.died
+        assert wait_until_gone(pids) == []  # the failure stopped the other worker without shutdown()
+    assert multiprocessing.active_children() == []
+
+
+def test_a_death_ends_a_wait_on_an_empty_ring(tmp_path):
+    # 256x256 examples take the worker longer than the consumer: it waits on an empty ring
+    path = write_db(tmp_path / "large.lmdb", [record_entry(i, size=(256, 256)) for i in range(3)])
+    with ImageReader(path, queue_size_per_worker=2, seed=0, name="test") as reader:
+        take(reader, 6)
+        waited = []
+        consumer = threading.Thread(target=lambda: waited.append(_expect_error(reader)))
+        consumer.start()
+        os.kill(reader.worker_pids[0], signal.SIGKILL)
+        consumer.join(20)
+        assert not consumer.is_alive()
+    assert "test reader worker 0 was killed by signal SIGKILL" in waited[0]
+
+
+def _expect_error(reader):
+    try:
+        while True:
+            reader.get_example()
+    except ReaderError as error:
+        return str(error)
+
+
 SCRIPT = textwrap.dedent("""
     import os, signal, sys, time
     sys.path.insert(0, {root!r})
