@@ -383,6 +383,85 @@ def test_interrupt_and_resume_keep_the_history_continuous(databases, tmp_path):
     assert not [name for name in os.listdir(output) if name.startswith(".")]  # nothing parked or staged
 
 
+# ----------------------------------------------------------------------------------------------
+# a reader worker killed by a signal (the kernel's OOM killer, a crash) ends the run at once
+
+
+def reader_workers(trainer_pid):
+    """The trainer's reader workers, oldest first: the train reader's, then the test reader's."""
+    workers = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                spawned = b"spawn_main" in handle.read()
+        except OSError:
+            continue
+        if int(fields[1]) == trainer_pid and spawned:
+            workers.append((int(fields[19]), int(entry)))  # (start time, pid)
+    return [pid for _, pid in sorted(workers)]
+
+
+def kill_worker_after(command, marker, worker, sig, timeout=240):
+    """Run the trainer until a stdout line holds `marker`, then send `sig` to reader worker number
+    `worker` (train reader's first, the test reader's last); return (return code, stdout, stderr,
+    seconds from the kill to the exit)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, **QUIET_TF), start_new_session=True)
+    lines, killed_at = [], None
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if marker in line:
+                os.kill(reader_workers(process.pid)[worker], sig)
+                killed_at = time.monotonic()
+                break
+        assert killed_at is not None, "".join(lines)
+        rest, stderr = process.communicate(timeout=timeout)
+        elapsed = time.monotonic() - killed_at
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert not group_members(process.pid)  # no reader worker or tracker left behind
+    return process.returncode, "".join(lines) + rest, stderr, elapsed
+
+
+@pytest.mark.parametrize("reader, reader_count, worker, sig, marker", [
+    ("train", 1, 0, signal.SIGKILL, "epoch 1 step 1/"),  # the ring full
+    ("train", 2, 1, signal.SIGSEGV, "epoch 0 step 2/"),
+    ("test", 1, -1, signal.SIGKILL, "epoch 0 step 20/20"),  # the test pass starts
+])
+@pytest.mark.slow
+def test_a_killed_reader_worker_ends_the_run_with_one_line(databases, tmp_path, reader, reader_count, worker,
+                                                           sig, marker):
+    output = tmp_path / "run"
+    command = train_command(databases, output, "--batch_size", "2", "--test_every_n_steps", "20",
+                            "--max_epochs", "2", "--seed", "0", "--log_every_n_steps", "1",
+                            "--reader_count", str(reader_count))
+    code, out, stderr, elapsed = kill_worker_after(command, marker, worker, sig)
+    assert code == 1, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    index = worker % (reader_count if reader == "train" else 1)
+    assert last.startswith(f"error: {databases[reader]}: {reader} reader worker {index} was killed by "
+                           f"signal {sig.name}; saved a resume point at epoch "), last
+    assert last.endswith(", run the same command to continue"), last
+    assert elapsed < 60, elapsed  # 9-17 s on a loaded 2-core machine, most of it TensorFlow's teardown
+    state = json.loads((output / "resume" / "state.json").read_text())
+    # stopped where it was: a test reader's death is not left to the next test pass, an epoch later
+    assert f"at epoch {state['epoch']} step {state['step_in_epoch']}," in last
+    assert state["global_step"] < 30 and state["finished"] is None, state
+    if reader != "train" or reader_count != 1:
+        return
+    result, left = run(command)  # the same command continues the run
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not left
+    assert f"resuming at epoch {state['epoch']} step {state['step_in_epoch']} " in result.stdout
+    assert "finished: max_epochs 2 reached" in result.stdout
+    assert [row[:2] for row in read_csv_rows(output / "test_metrics.csv")[1:]] == [["0", "20"], ["1", "40"]]
+
+
 @pytest.mark.slow
 def test_crops_train_and_whole_records_test(databases, tmp_path):
     large = make_database(tmp_path / "large.lmdb", 6, size=96, seed=5)
