@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -460,6 +461,61 @@ def test_a_killed_reader_worker_ends_the_run_with_one_line(databases, tmp_path, 
     assert f"resuming at epoch {state['epoch']} step {state['step_in_epoch']} " in result.stdout
     assert "finished: max_epochs 2 reached" in result.stdout
     assert [row[:2] for row in read_csv_rows(output / "test_metrics.csv")[1:]] == [["0", "20"], ["1", "40"]]
+
+
+# ----------------------------------------------------------------------------------------------
+# a full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MB tmpfs (mounting needs root: skipped where it is not permitted)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def fill_disk(folder, leave):
+    """A file that fills the file system of `folder` but for about `leave` bytes."""
+    filler = os.path.join(folder, "filler")
+    stats = os.statvfs(folder)
+    with open(filler, "wb") as handle:
+        handle.write(b"\0" * max(0, stats.f_bavail * stats.f_frsize - leave))
+    return filler
+
+
+@pytest.mark.slow
+def test_a_full_disk_ends_the_run_with_one_line_and_keeps_the_last_outputs(databases, small_disk):
+    output = small_disk / "run"
+    command = train_command(databases, output, "--batch_size", "2", "--test_every_n_steps", "2",
+                            "--seed", "0", "--log_every_n_steps", "2")
+    first, _ = run(command + ["--max_epochs", "1"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    model_files = sorted(os.listdir(output / "saved_model"))
+    # room for the CSVs, not for a resume point (~0.6 MB) or a SavedModel (~1.1 MB)
+    filler = fill_disk(small_disk, leave=300_000)
+    full, left = run(command + ["--max_epochs", "2"])
+    assert full.returncode == 1 and not left
+    assert "Traceback" not in full.stderr, full.stderr[-3000:]
+    last = full.stderr.strip().splitlines()[-1]
+    assert re.match(rf"error: {output}/(saved_model|checkpoint|resume): cannot write .*\(No space left on "
+                    r"device\); the previous version is kept", last), last
+    assert not [name for name in os.listdir(output) if name.startswith(".")]  # nothing half-written
+    state = json.loads((output / "resume" / "state.json").read_text())
+    assert state["epoch"] == 1 and len(state["history"]) == 1
+    assert sorted(os.listdir(output / "saved_model")) == model_files
+    assert saved_model.read_metadata(str(output / "saved_model"))["training"]["epoch"] == 0
+
+    os.remove(filler)  # the same command once space is freed
+    again, left = run(command + ["--max_epochs", "2"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming at epoch 1 step 0 " in again.stdout and "finished: max_epochs 2 reached" in again.stdout
+    assert [row[:2] for row in read_csv_rows(output / "test_metrics.csv")[1:]] == [["0", "2"], ["1", "4"]]
 
 
 @pytest.mark.slow
