@@ -418,8 +418,14 @@ class WorkerPool:
     @staticmethod
     def _died(process):
         process.join(timeout=1)
-        return (f"worker process {process.pid} died (exit code {process.exitcode}); "
-                "out of memory? try fewer --workers")
+        code = process.exitcode
+        how = f"exit code {code}"
+        if code is not None and code < 0:
+            try:
+                how = f"killed by signal {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"killed by signal {-code}"
+        return f"worker process {process.pid} died ({how}); out of memory? try fewer --workers"
 
     def close(self):
         self.stopping.set()

@@ -579,5 +579,5 @@ def test_a_worker_that_dies_is_reported_not_waited_for(tmp_path):
     finally:
         stop_group(process)
     result = subprocess.CompletedProcess(process.args, process.returncode, "", stderr)
-    assert_one_error_line(result, f"worker process {workers[0]} died")
+    assert_one_error_line(result, f"worker process {workers[0]} died (killed by signal SIGKILL)")
     assert_no_database(output)
