@@ -51,7 +51,7 @@ RUN_DEFINING = ("train_database", "test_database", "batch_size", "number_classes
 SETTINGS_DEFAULTS = {"crop_size": 0}
 
 
-def _write_failure_reason(error):
+def write_failure_reason(error):
     """The gist of why a write failed: the OS's words, or the last words of TensorFlow's message."""
     if isinstance(error, OSError):
         return error.strerror or str(error)
@@ -68,7 +68,7 @@ def writing(path, what):
     try:
         yield
     except (OSError, tf.errors.OpError) as error:
-        raise ValueError(f"{path}: cannot write {what} ({_write_failure_reason(error)}); the previous "
+        raise ValueError(f"{path}: cannot write {what} ({write_failure_reason(error)}); the previous "
                          f"version is kept, free the space and run the same command to continue") from None
 
 

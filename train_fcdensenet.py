@@ -30,6 +30,7 @@ import contextlib
 import gc
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -49,7 +50,7 @@ if __name__ != "__mp_main__":
     from tensorflow.core.framework import summary_pb2
 
     import fcdensenet
-    from run_folder import CKPT_PREFIX, SAVED_MODEL_DIR, RunFolder, run_settings
+    from run_folder import CKPT_PREFIX, SAVED_MODEL_DIR, RunFolder, run_settings, write_failure_reason
 
 CONVERGENCE_TOLERANCE = 1e-4  # the reference's: test losses this close count as equal
 MAX_WARMUP_STEPS = 1000
@@ -318,10 +319,16 @@ def write_scalars(writer, step, values):
     plugin's metadata writes the same event records without it."""
     metadata = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(
         plugin_name="scalars"))
-    with writer.as_default(step=step):
-        for tag, value in values.items():
-            tf.summary.write(tag, tf.constant(value, tf.float32), metadata=metadata)
-    writer.flush()
+    try:
+        with writer.as_default(step=step):
+            for tag, value in values.items():
+                tf.summary.write(tag, tf.constant(value, tf.float32), metadata=metadata)
+        writer.flush()
+    except tf.errors.OpError as error:  # a full disk: the writes fail at the flush
+        events = re.search(r"(\S*events\.out\.tfevents\S*?);", str(error))
+        raise ValueError(f"{events.group(1) + ': ' if events else ''}cannot write the TensorBoard summaries "
+                         f"({write_failure_reason(error)}); the summaries written so far are kept, free the "
+                         f"space and run the same command to continue") from None
 
 
 # ----------------------------------------------------------------------------------------------

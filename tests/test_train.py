@@ -519,6 +519,23 @@ def test_a_full_disk_ends_the_run_with_one_line_and_keeps_the_last_outputs(datab
 
 
 @pytest.mark.slow
+def test_a_full_disk_under_tensorboard_is_one_line(small_disk):
+    import tensorflow as tf
+
+    import train_fcdensenet
+
+    writer = tf.summary.create_file_writer(str(small_disk / "tensorboard" / "train"))
+    train_fcdensenet.write_scalars(writer, 0, {"loss": 1.0})
+    fill_disk(small_disk, leave=0)
+    with pytest.raises(ValueError) as error:
+        for step in range(1, 100):
+            train_fcdensenet.write_scalars(writer, step, {"loss": 1.0, "accuracy": 0.5})
+    message = str(error.value)
+    assert re.match(rf"{small_disk}/tensorboard/train/events\.out\.tfevents\S+: cannot write the TensorBoard "
+                    r"summaries \(No space left on device\)", message) and "\n" not in message, message
+
+
+@pytest.mark.slow
 def test_crops_train_and_whole_records_test(databases, tmp_path):
     large = make_database(tmp_path / "large.lmdb", 6, size=96, seed=5)
     output = tmp_path / "run"
