@@ -379,7 +379,8 @@ class ImageReader:
         # before the workers are told to stop: their ends are no failure, and stop() closes the
         # sentinels the watchdog waits on
         self._watching.clear()
-        self._watchdog.join()
+        if self._watchdog is not None:  # None when starting the workers failed
+            self._watchdog.join()
         self._stop_event.set()
         self._workers.stop()
         with self._lock:  # a consumer thread may be copying out of a slot right now
