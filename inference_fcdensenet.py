@@ -39,6 +39,7 @@ import time
 import numpy as np
 
 import image_files
+import inference_engines
 import inference_runner
 import mask_writers
 import ome_zarr_io
@@ -95,6 +96,9 @@ def parse_args(argv=None):
     parser.add_argument("--skip_existing", type=int, default=0, choices=(0, 1),
                         help="1: leave images whose outputs all exist (outputs appear only when complete, so a "
                              "requeued task goes on where it stopped)")
+    parser.add_argument("--engine", choices=inference_engines.ENGINES, default="auto",
+                        help="runtime of the model: auto = OpenVINO where TensorFlow sees one device, a CPU, "
+                             "and the openvino package is installed, else TensorFlow (on every device)")
     parser.add_argument("--mask_folder", default=None,
                         help="optional folder of ground-truth masks under the images' file names: the "
                              "masks written are scored against them (pixel accuracy, IoU per class, "
@@ -102,17 +106,21 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def load_model(path):
-    """(predict, metadata, device names): a copy of the model on every visible device."""
+def load_model(path, engine="auto"):
+    """(predict, metadata, device names, engine name): OpenVINO on the CPU (see inference_engines), or a
+    TensorFlow copy of the model on every visible device."""
     if not os.path.isdir(path):
         raise ValueError(f"{path}: SavedModel folder does not exist")
     import devices
     import saved_model
 
     names = devices.inference_devices()
+    if engine == "openvino" or (engine == "auto" and len(names) == 1):
+        predict, metadata, chosen = inference_engines.load_predictor(path, engine)
+        return predict, metadata, (["CPU"] if chosen == "openvino" else names), chosen
     loaded = [saved_model.load_saved_model(path, device if len(names) > 1 else None) for device in names]
     predict = devices.DevicePool([function for function, _ in loaded]) if len(loaded) > 1 else loaded[0][0]
-    return predict, loaded[0][1], names
+    return predict, loaded[0][1], names, "tensorflow"
 
 
 def score_mask(predicted_path, mask_folder, number_classes):
@@ -142,7 +150,7 @@ def print_setup(metadata, args, device_names):
     devices = f"; {len(device_names)} devices ({', '.join(device_names)})" if len(device_names) > 1 else ""
     print(f"{metadata['variant']}: {metadata['number_channels']} channel(s), {metadata['number_classes']} "
           f"classes, radius {metadata['radius']}; tiles of at most {args.tile_size}x{args.tile_size} pixels, "
-          f"{args.batch_size or 'automatic'} per batch{devices}{extras}", flush=True)
+          f"{args.batch_size or 'automatic'} per batch{devices}{extras}; engine {args.engine}", flush=True)
     if args.overlay_folder is not None and qc_pictures.colours_cycle(metadata["number_classes"]):
         print(f"note: {metadata['number_classes'] - 1} classes but {len(qc_pictures.PALETTE)} outline colours: "
               f"the colours repeat", flush=True)
@@ -292,7 +300,7 @@ def main(argv=None):
     args = parse_args(argv)
     names = select_images(prepare(args), args)
     try:
-        predict, metadata, device_names = load_model(args.saved_model_filepath)
+        predict, metadata, device_names, args.engine = load_model(args.saved_model_filepath, args.engine)
         args.tile_size = tiling.check_tile_size(args.tile_size, metadata["radius"], metadata["size_factor"])
     except ValueError as error:
         sys.exit(f"error: {error}")

@@ -100,3 +100,79 @@ def write_png(path, picture):
 
     with atomic_files.replacing_file(path) as temporary:
         iio.imwrite(temporary, picture, extension=".png")
+
+
+# ---------------------------------------------------------------------------------------------
+# training pictures (matplotlib, without a display)
+
+
+def _figure(rows, columns, size):
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a cluster node
+    from matplotlib import pyplot
+
+    return pyplot, pyplot.subplots(rows, columns, figsize=size, squeeze=False)
+
+
+def _save_figure(pyplot, figure, path):
+    with atomic_files.replacing_file(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=100)
+    pyplot.close(figure)
+
+
+def write_training_curves(path, history, best_epoch):
+    """training_curves.png: losses, pixel accuracy, mean IoU and IoU per class against the epoch.
+
+    `history` holds the trainer's test-pass entries (epoch, test_loss, pixel_accuracy, mean_iou,
+    iou per class, and train_loss where recorded); the best epoch is marked on every panel.
+    """
+    pyplot, (figure, axes) = _figure(1, 3, (15, 4.2))
+    epochs = [entry["epoch"] for entry in history]
+    loss_axis, score_axis, class_axis = axes[0]
+    train = [(entry["epoch"], entry["train_loss"]) for entry in history if entry.get("train_loss") is not None]
+    if train:
+        loss_axis.plot(*zip(*train), marker="o", label="train loss")
+    loss_axis.plot(epochs, [entry["test_loss"] for entry in history], marker="o", label="test loss")
+    loss_axis.set_title("loss")
+    score_axis.plot(epochs, [entry["pixel_accuracy"] for entry in history], marker="o", label="pixel accuracy")
+    score_axis.plot(epochs, [entry["mean_iou"] for entry in history], marker="o", label="mean IoU")
+    score_axis.set_title("test scores")
+    for index in range(len(history[-1]["iou"])):
+        values = [entry["iou"][index] for entry in history]
+        colour = "0.4" if index == 0 else PALETTE[(index - 1) % len(PALETTE)] / 255.0
+        class_axis.plot(epochs, [np.nan if value is None else value for value in values], marker="o",
+                        color=colour, label=f"class {index}")
+    class_axis.set_title("test IoU per class")
+    from matplotlib.ticker import MaxNLocator
+
+    for axis in (loss_axis, score_axis, class_axis):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if best_epoch is not None:
+            axis.axvline(best_epoch, color="0.6", linestyle="--", label=f"best epoch ({best_epoch})")
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize="small")
+    figure.tight_layout()
+    _save_figure(pyplot, figure, path)
+
+
+def write_test_predictions(path, examples, title):
+    """test_predictions.png: each (name, HWC image, true mask, predicted mask) with both outlines.
+
+    True outlines are white, predicted ones in their class's colour, over the stretched image.
+    """
+    columns = min(4, len(examples))
+    rows = -(-len(examples) // columns)
+    pyplot, (figure, axes) = _figure(rows, columns, (4 * columns, 4.5 * rows))
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, (name, image, truth, predicted) in zip(axes.flat, examples):
+        picture = draw_outlines(stretch(image.astype(np.float32)), predicted)
+        picture[outlines(truth) & (truth != 0)] = 255
+        axis.imshow(picture, interpolation="nearest")
+        agree = float(np.mean(truth == predicted))
+        axis.set_title(f"{name}\npixel accuracy {agree:.3f}", fontsize="small")
+    figure.suptitle(f"{title}: true outlines white, predicted in colour")
+    figure.tight_layout(rect=(0, 0, 1, 0.97))
+    _save_figure(pyplot, figure, path)

@@ -60,7 +60,7 @@ class _WorkerStopped(Exception):
     pass
 
 
-def _prepare_example(key, buffer, settings, rng):
+def prepare_example(key, buffer, settings, rng):
     """Decode, check, augment and normalise one record into (float32 HWC image, mask)."""
     try:
         record = records.decode_record(buffer)
@@ -135,7 +135,7 @@ def _serve_examples(worker_index, settings, ready_queue, free_queue, should_stop
                 buffer = txn.get(key)
             if buffer is None:
                 raise ValueError("record vanished from the database")
-            image, mask = _prepare_example(key, buffer, settings, rng)
+            image, mask = prepare_example(key, buffer, settings, rng)
             progress["key"] = None
             slot = _blocking_get(free_queue, should_stop)
             slots[slot][0][...] = image

@@ -13,6 +13,8 @@ Files (only the chief writes; every file and directory is swapped in whole by at
     test_metrics.csv         epoch, step, test loss, pixel accuracy, mean IoU and per-class IoU
     checkpoint/ckpt*         the best model's weights (tf.train.Checkpoint, as the reference)
     saved_model/             the best model as a SavedModel (saved_model.load_saved_model loads it)
+    training_curves.png      losses and test scores against the epoch, the best epoch marked
+    test_predictions.png     the best model on up to 16 test records: true and predicted outlines
     tensorboard-<time>/      TensorBoard summaries under train/ and test/
     resume/                  model + optimizer checkpoint and state.json, to continue the run
 """
@@ -26,9 +28,14 @@ import os
 import shutil
 import tempfile
 
+import numpy as np
 import tensorflow as tf
 
 import atomic_files
+import image_files
+import qc_pictures
+import reader_worker
+import records
 import saved_model
 
 SETTINGS_FILE = "run_settings.json"
@@ -39,6 +46,10 @@ SAVED_MODEL_DIR = "saved_model"
 RESUME_DIR = "resume"
 STATE_FILE = "state.json"
 CKPT_PREFIX = "ckpt"
+BIOIMAGEIO_PACKAGE = "model.bioimageio.zip"  # --export_bioimageio 1
+CURVES_FILE = "training_curves.png"
+PREDICTIONS_FILE = "test_predictions.png"
+PREDICTION_RECORDS = 16
 # outputs that mark a folder as holding a training run (ours or the reference's)
 RUN_MARKERS = (SETTINGS_FILE, TEST_LOSS_FILE, TEST_METRICS_FILE, BEST_CHECKPOINT_DIR, SAVED_MODEL_DIR,
                RESUME_DIR)
@@ -188,3 +199,38 @@ class RunFolder:
         with writing(self.file(SAVED_MODEL_DIR), "the best model"):
             saved_model.export_saved_model(export_model, self.file(SAVED_MODEL_DIR),
                                            extra_metadata={"training": metadata})
+
+    def write_curves(self, history, best_epoch):
+        if self.is_chief and history:
+            with writing(self.file(CURVES_FILE), "the training curves"):
+                qc_pictures.write_training_curves(self.file(CURVES_FILE), history, best_epoch)
+
+    def write_test_predictions(self, model, test_database, epoch):
+        """The best model on the first PREDICTION_RECORDS test records, with true and predicted outlines."""
+        if not self.is_chief:
+            return
+        examples = []
+        for key, record in first_records(test_database, PREDICTION_RECORDS):
+            image = image_files.zscore_normalize(record.image)
+            probabilities = model(image[np.newaxis], training=False)
+            predicted = np.argmax(np.asarray(probabilities)[0], axis=-1)
+            examples.append((key.split(":")[0], record.image, record.mask, predicted))
+        if examples:
+            with writing(self.file(PREDICTIONS_FILE), "the test predictions"):
+                qc_pictures.write_test_predictions(self.file(PREDICTIONS_FILE), examples,
+                                                   f"best model, epoch {epoch}")
+
+
+def first_records(database, count):
+    """(key text, Record) of the first `count` records of a database, in key order."""
+    env = reader_worker.open_env(database)
+    try:
+        with env.begin() as transaction:
+            found = []
+            for key, value in transaction.cursor():
+                found.append((bytes(key).decode("ascii", "replace"), records.decode_record(value)))
+                if len(found) == count:
+                    break
+            return found
+    finally:
+        env.close()

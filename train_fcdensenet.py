@@ -50,7 +50,14 @@ if __name__ != "__mp_main__":
     from tensorflow.core.framework import summary_pb2
 
     import fcdensenet
-    from run_folder import CKPT_PREFIX, SAVED_MODEL_DIR, RunFolder, run_settings, write_failure_reason
+    from run_folder import (
+        BIOIMAGEIO_PACKAGE,
+        CKPT_PREFIX,
+        SAVED_MODEL_DIR,
+        RunFolder,
+        run_settings,
+        write_failure_reason,
+    )
 
 CONVERGENCE_TOLERANCE = 1e-4  # the reference's: test losses this close count as equal
 MAX_WARMUP_STEPS = 1000
@@ -101,6 +108,10 @@ def parse_args(argv=None):
     parser.add_argument("--mixed_precision", type=int, default=0, choices=(0, 1),
                         help="1: mixed_float16 compute with loss scaling (needs a GPU)")
     parser.add_argument("--log_every_n_steps", type=int, default=100, help="steps between progress lines")
+    parser.add_argument("--export_bioimageio", type=int, default=0, choices=(0, 1),
+                        help=f"1: when the run finishes, also write output_dir/{BIOIMAGEIO_PACKAGE}, a BioImage "
+                             "Model Zoo package of the best model (export_bioimageio.py; needs "
+                             "requirements-bioimageio.txt)")
     return parser.parse_args(argv)
 
 
@@ -129,6 +140,10 @@ def check_args(args):
         path = getattr(args, name)
         if not os.path.isdir(path):
             raise ValueError(f"{path}: no such database (an LMDB directory written by build_lmdb.py)")
+    if args.export_bioimageio:  # fail now rather than after the training
+        import export_bioimageio
+
+        export_bioimageio.check_dependencies()
     if args.mixed_precision and not tf.config.list_physical_devices("GPU"):
         raise ValueError("--mixed_precision 1 needs a GPU (float16 compute is slower than float32 on "
                          "the CPU, and this machine shows no GPU to TensorFlow)")
@@ -463,6 +478,8 @@ class Trainer:
         interval_steps, timed_steps, interval_start = 0, 0, time.perf_counter()
         while state["step_in_epoch"] < steps:
             loss_sum, correct, pixels, votes = self.train_step(self.train_iterator, self.stop.vote()).numpy()
+            # the epoch's mean train loss, for training_curves.png (kept in the state across a resume)
+            state["epoch_loss"] = state.get("epoch_loss", 0.0) + float(loss_sum)
             state["step_in_epoch"] += 1
             state["global_step"] += 1
             interval_sums += (loss_sum, correct, pixels)
@@ -522,7 +539,9 @@ class Trainer:
             self.check_readers()
         test_loss = float(totals[0] / totals[1])
         accuracy, iou, mean_iou = segmentation_metrics(confusion)
+        train_loss = state.pop("epoch_loss", None)
         entry = {"epoch": state["epoch"], "global_step": state["global_step"], "test_loss": test_loss,
+                 "train_loss": None if train_loss is None else train_loss / max(1, state["step_in_epoch"]),
                  "pixel_accuracy": accuracy, "mean_iou": mean_iou,
                  "iou": [None if math.isnan(value) else float(value) for value in iou]}
         state["history"].append(entry)
@@ -536,6 +555,7 @@ class Trainer:
         scalars.update({f"iou/class_{index}": value for index, value in enumerate(iou)})
         write_scalars(self.writers["test"], state["global_step"], scalars)
         self.folder.write_history(state["history"], self.args.number_classes)
+        self.folder.write_curves(state["history"], best_epoch)
         if best_epoch == state["epoch"]:
             self.save_best(entry)
 
@@ -556,6 +576,7 @@ class Trainer:
                         test_loss=entry["test_loss"], pixel_accuracy=entry["pixel_accuracy"],
                         mean_iou=entry["mean_iou"])
         self.folder.save_best(self.export_model, weights, metadata)
+        self.folder.write_test_predictions(self.export_model, self.args.test_database, entry["epoch"])
         self.print(f"saved the best model (epoch {entry['epoch']}) to {self.folder.file(SAVED_MODEL_DIR)}")
 
     def save_resume(self):
@@ -736,7 +757,23 @@ def train(args, stop):
     print(f"finished: {state['finished']}; best epoch {state['best_epoch']} test loss "
           f"{best['test_loss']:.6f} mean IoU {best['mean_iou']:.4f}; model in "
           f"{folder.file(SAVED_MODEL_DIR)}")
+    if args.export_bioimageio and is_chief:
+        export_bioimageio_package(args.output_dir)
     return 0
+
+
+def export_bioimageio_package(output_dir):
+    """--export_bioimageio 1: the finished run's best model as output_dir/model.bioimageio.zip, its test
+    image the first record of the test database; ValueError (one line) if the export fails."""
+    import export_bioimageio
+
+    target = os.path.join(output_dir, BIOIMAGEIO_PACKAGE)
+    export_args = export_bioimageio.parse_args(
+        ["--saved_model_filepath", os.path.join(output_dir, SAVED_MODEL_DIR), "--output", target])
+    try:
+        export_bioimageio.export_package(export_args)
+    except RuntimeError as error:  # a conversion or a test of the package failed
+        raise ValueError(f"{target}: not written: {str(error).splitlines()[0]}") from None
 
 
 def main(argv=None):

@@ -8,7 +8,8 @@
    takes 3-5 minutes on 2 shared CPU cores; with a real model the memory is dominated by the
    activations of one batch (FCDenseNet56: about 11 GB for the default 2048x2048 pixels a batch).
 2. Speed: megapixels per second on a 4096x4096 uint16 image (a mosaic of data/images) for this
-   implementation (default tiles, whole-image statistics, tiles batched, radius from the export)
+   implementation (default tiles, whole-image statistics, tiles batched, radius from the export; on
+   the default engine, OpenVINO on a CPU, and on TensorFlow for comparison)
    and for a baseline doing what the reference does: a gradient-probe radius measured for every
    image with the reference's absolute threshold (reference_radius below; the stored radius comes
    from receptive_field.measure_effective_radius, whose threshold is relative to the peak gradient),
@@ -17,7 +18,8 @@
    96, the reference's probe 128; FCDenseNet56 would take over 7 minutes for this part), same
    SavedModel, same run; each side runs twice (A B B A) and keeps its best time.
 
-Measured here: 4.7 minutes on a lightly loaded machine, up to about 10 while other jobs shared its 2 cores.
+Measured here: 4.7 minutes on a lightly loaded machine, up to about 10 while other jobs shared its 2 cores
+(TensorFlow only); with both engines, 2026-12-01, under a load of 12-15 on the 2 cores: 27 minutes.
 The machine is shared, so only the ratio is meaningful.
 """
 
@@ -156,36 +158,45 @@ def this_implementation(image, metadata, predict):
 
 
 def measure_speed(workdir):
+    import inference_engines
     import saved_model
 
     model_path = os.path.join(workdir, "small")
     model = export(model_path, seed=4, layers_per_block=2, growth_rate=4)
-    predict, metadata = saved_model.load_saved_model(model_path)
+    default, metadata, engine = inference_engines.load_predictor(model_path)  # the script's default: auto
+    predictors = {engine: default, "tensorflow": saved_model.load_saved_model(model_path)[0]}
     image = mosaic(SPEED_SIZE)
     megapixels = image.size / 1e6
-    predict(np.zeros((1, 64, 64, 1), np.float32))  # one-off start-up cost, paid by neither side
+    for predict in predictors.values():
+        predict(np.zeros((1, 64, 64, 1), np.float32))  # one-off start-up cost, paid by neither side
 
-    # A, B, B, A with the best time of each side: the machine is shared, and its load drifts
-    times = {"ours": [], "reference": []}
-    for side in ("ours", "reference", "reference", "ours"):
+    # A B C C B A with the best time of each: the machine is shared, and its load drifts. The reference
+    # approach runs on TensorFlow, as the reference does; ours on the default engine and on TensorFlow
+    sides = list(dict.fromkeys([f"ours-{engine}", "ours-tensorflow", "reference"]))
+    times, results = {side: [] for side in sides}, {}
+    for side in sides + sides[::-1]:
         started = time.perf_counter()
-        if side == "ours":
-            mask, grid, batch_size = this_implementation(image, metadata, predict)
+        if side == "reference":
+            baseline_mask, computed, baseline_radius = reference_approach(image, model, predictors["tensorflow"])
         else:
-            baseline_mask, computed, baseline_radius = reference_approach(image, model, predict)
+            results[side] = this_implementation(image, metadata, predictors[side.split("-", 1)[1]])
         times[side].append(time.perf_counter() - started)
-    ours, baseline = megapixels / min(times["ours"]), megapixels / min(times["reference"])
-    print(f"this implementation: {ours:.3f} Mpx/s; radius {metadata['radius']} (stored at export), "
+    mask, grid, batch_size = results[f"ours-{engine}"]
+    speeds = {side: megapixels / min(runs) for side, runs in times.items()}
+    ours, baseline = speeds[f"ours-{engine}"], speeds["reference"]
+    print(f"this implementation, default engine ({engine}): {ours:.3f} Mpx/s; "
+          f"on tensorflow: {speeds['ours-tensorflow']:.3f} Mpx/s; radius {metadata['radius']} (stored at export), "
           f"{grid.tile_count} tiles of {grid.tile_shape[0]}x{grid.tile_shape[1]} in batches of {batch_size}, "
           f"kept {grid.kept_share():.0%} of the computed pixels")
-    print(f"reference approach:  {baseline:.3f} Mpx/s; radius {baseline_radius} probed per image, "
+    print(f"reference approach (tensorflow): {baseline:.3f} Mpx/s; radius {baseline_radius} probed per image, "
           f"{REFERENCE_TILE}-pixel tiles one at a time, kept {image.size / computed:.0%} of the computed pixels")
     print(f"with the stored radius {metadata['radius']} instead, the reference's tiles would keep "
           f"{reference_kept_share(image.shape[:2], metadata['radius']):.0%} of the computed pixels")
     print("seconds per run: " + "; ".join(
         f"{side} " + ", ".join(f"{seconds:.1f}" for seconds in runs) for side, runs in times.items()))
-    print(f"masks agree on {np.mean(mask == baseline_mask):.4%} of the pixels")
-    return ours, baseline
+    print(f"masks agree on {np.mean(mask == baseline_mask):.4%} of the pixels (ours on {engine} and the reference); "
+          f"ours on {engine} and on tensorflow: {np.mean(mask == results['ours-tensorflow'][0]):.4%}")
+    return ours, baseline, engine
 
 
 def main():
@@ -193,8 +204,9 @@ def main():
         peak_gb, seconds = measure_memory(workdir)
         print(f"peak resident memory for a {MEMORY_SIZE}x{MEMORY_SIZE} uint16 TIFF: {peak_gb:.2f} GB "
               f"(target < {MEMORY_TARGET_GB} GB), {seconds:.0f} s")
-        ours, baseline = measure_speed(workdir)
-    print(f"inference Mpx/s (tiled batched vs reference approach) ratio={ours / baseline:.2f} target=2.0")
+        ours, baseline, engine = measure_speed(workdir)
+    print(f"inference Mpx/s (tiled batched on {engine} vs reference approach) ratio={ours / baseline:.2f} "
+          f"target=2.0")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Examples/s through ImageReader.get_tf_dataset() vs what one process can prepare on its own.
 
 Builds a temporary LMDB of 512x512 uint16 records. The limit is one process running the worker's
-own per-example work in a loop (read, decode, augment, z-score: imagereader._prepare_example) with
+own per-example work in a loop (read, decode, augment, z-score: reader_worker.prepare_example) with
 no queue at all, in a spawned process like a worker (the main process waits meanwhile, like the
 consumer); the reader's rate with one worker over that limit is the share left after queue
 and transfer overhead. The reader is measured in steady state: its initial buffer is drained
@@ -32,6 +32,7 @@ import scipy.ndimage
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import augment  # noqa: E402
 import imagereader  # noqa: E402
+import reader_worker  # noqa: E402
 import records  # noqa: E402
 
 
@@ -66,7 +67,7 @@ def cpu_seconds(pid):
 
 
 def example_settings(first_value):
-    """The settings a reader worker passes to imagereader._prepare_example: whole records, default augmentation."""
+    """The settings a reader worker passes to reader_worker.prepare_example: whole records, default augmentation."""
     shape = records.decode_record(first_value).image.shape
     return {"record_shape": shape, "image_shape": shape, "crop_size": 0, "number_classes": 2,
             "mask_dtype": np.dtype(np.uint8), "augmentation": augment.AugmentationConfig()}
@@ -82,12 +83,12 @@ def in_process_rate(path, count, prepare):
     decoded = [records.decode_record(value) for _, value in pairs]
     rng = np.random.default_rng(0)
     for key, value in pairs[:2]:  # warm-up: lazy imports and first-call costs stay out of the timing
-        imagereader._prepare_example(key, value, settings, rng)
+        reader_worker.prepare_example(key, value, settings, rng)
     start, cpu_start = time.perf_counter(), time.process_time()
     for index in range(count):
         if prepare:
             key, value = pairs[index % len(pairs)]
-            imagereader._prepare_example(key, value, settings, rng)
+            reader_worker.prepare_example(key, value, settings, rng)
         else:
             record = decoded[index % len(decoded)]
             augment.augment(record.image, record.mask, settings["augmentation"], rng)
@@ -104,7 +105,7 @@ def pickling_producer(path, stop, channel):
     index = 0
     while not stop.is_set():
         key, value = pairs[index % len(pairs)]
-        channel.put(imagereader._prepare_example(key, value, settings, rng))
+        channel.put(reader_worker.prepare_example(key, value, settings, rng))
         index += 1
     # send every message whole before exiting: a half-sent one would block the reader for ever
     channel.close()

@@ -156,8 +156,9 @@ def test_two_devices_give_the_masks_of_one(gray_model, mosaic, tmp_path):
     model_path = gray_model[0]
     small_folder(str(tmp_path / "images"), mosaic, count=3)
     shutil.copy(tmp_path / "images" / "large.tif", tmp_path / "images" / "large_2.tif")
+    # TensorFlow on both sides: auto would run the one-device side on OpenVINO
     common = ["--saved_model_filepath", model_path, "--image_folder", str(tmp_path / "images"), "--tile_size", "288",
-              "--batch_size", "2"]
+              "--batch_size", "2", "--engine", "tensorflow"]
     one = run_script(*common, "--output_folder", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
     script = tmp_path / "two_devices.py"

@@ -283,6 +283,15 @@ def test_tiny_run_writes_every_output(databases, tmp_path):
     for row in rows[1:]:
         assert 0 <= float(row[3]) <= 1 and 0 <= float(row[4]) <= 1
     assert (output / "checkpoint" / "ckpt.index").is_file()
+    # the pictures: curves of both epochs, and the best model on the 5 test records (32x32 each)
+    import imageio.v3 as iio
+
+    curves = iio.imread(output / "training_curves.png")
+    assert curves.shape[0] >= 300 and curves.shape[1] >= 1000 and curves.std() > 0
+    predictions = iio.imread(output / "test_predictions.png")
+    assert predictions.shape[1] >= 1000 and predictions.std() > 0
+    state = json.loads((output / "resume" / "state.json").read_text())
+    assert all(entry["train_loss"] > 0 for entry in state["history"])
     boards = [name for name in os.listdir(output) if name.startswith("tensorboard-")]
     assert len(boards) == 1
     tags = {}

@@ -1,0 +1,230 @@
+"""inference_engines.py: OpenVINO gives TensorFlow's masks, its conversion cache, and bad input.
+
+The models are untrained (random weights): FCDenseNet56, 67 and 103 on a small image, and the tiny
+FC-DenseNet of conftest.py through the script's tiled, streamed path.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+from conftest import export_tiny_model
+
+import inference_engines
+import inference_fcdensenet as inference
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO_ROOT, "inference_fcdensenet.py")
+MASK_AGREEMENT = 0.9999
+
+
+def agreement(first, second):
+    """The share of pixels whose most probable class is the same in two softmaxes."""
+    return float(np.mean(first.argmax(-1) == second.argmax(-1)))
+
+
+def copy_model(source, folder):
+    """A private copy of an export, without any OpenVINO cache, for tests that write into it."""
+    target = os.path.join(folder, os.path.basename(source))
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(inference_engines.CACHE_FOLDER))
+    return target
+
+
+def run_script(*args, env=None):
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=300, env=env)
+
+
+# ---------------------------------------------------------------------------------------------
+# no model
+
+def test_unknown_engine_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        inference.parse_args(["--saved_model_filepath", "m", "--image_folder", "i", "--output_folder", "o",
+                              "--engine", "onnxruntime"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'onnxruntime'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown engine 'onnxruntime'"):
+        inference_engines.load_predictor(str(tmp_path), "onnxruntime")
+    assert inference.parse_args(["--saved_model_filepath", "m", "--image_folder", "i",
+                                 "--output_folder", "o"]).engine == "auto"
+
+
+def test_cache_key_follows_the_graph_the_variables_and_the_openvino_version(tmp_path):
+    (tmp_path / "variables").mkdir()
+    for name in ("saved_model.pb", "fcdensenet_metadata.json", "variables/variables.index",
+                 "variables/variables.data-00000-of-00001"):
+        (tmp_path / name).write_bytes(b"first")
+    key = inference_engines.cache_key(str(tmp_path), "2026.4")
+    (tmp_path / inference_engines.CACHE_FOLDER).mkdir()  # the cache itself is not hashed
+    (tmp_path / inference_engines.CACHE_FOLDER / "model.xml").write_bytes(b"anything")
+    assert inference_engines.cache_key(str(tmp_path), "2026.4") == key
+    assert inference_engines.cache_key(str(tmp_path), "2026.5") != key
+    for name in ("saved_model.pb", "variables/variables.data-00000-of-00001", "fcdensenet_metadata.json"):
+        original = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(b"second")
+        assert inference_engines.cache_key(str(tmp_path), "2026.4") != key, name
+        (tmp_path / name).write_bytes(original)
+    assert inference_engines.cache_key(str(tmp_path), "2026.4") == key
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenVINO against TensorFlow
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["FCDenseNet56", "FCDenseNet67", "FCDenseNet103"])
+def test_openvino_masks_equal_tensorflows(variant, tmp_path):
+    import keras
+
+    import fcdensenet
+    import saved_model
+
+    keras.utils.set_random_seed(7)
+    model = fcdensenet.build_model(variant, number_channels=3, number_classes=4)
+    path = str(tmp_path / variant)
+    saved_model.export_saved_model(model, path, radius=0)  # the radius plays no part here: skip its probe
+    images = np.random.default_rng(3).standard_normal((2, 64, 96, 3), dtype=np.float32)
+    on_tensorflow, _, engine = inference_engines.load_predictor(path, "tensorflow")
+    assert engine == "tensorflow"
+    on_openvino, metadata, engine = inference_engines.load_predictor(path, "openvino")
+    assert engine == "openvino" and metadata["variant"] == variant
+    expected, found = on_tensorflow(images), on_openvino(images)
+    assert found.shape == expected.shape == (2, 64, 96, 4) and found.dtype == np.float32
+    difference = float(np.abs(found - expected).max())
+    print(f"{variant}: largest probability difference {difference:.1e}, masks agree on "
+          f"{agreement(found, expected):.4%}")
+    assert difference < 1e-4  # float32 throughout (a bfloat16 run would differ by about 1e-2)
+    assert agreement(found, expected) >= MASK_AGREEMENT
+    # another shape through the same compiled model: the batch, height and width are dynamic
+    assert np.abs(on_openvino(images[:1, :32]) - on_tensorflow(images[:1, :32])).max() < 1e-4
+
+
+@pytest.mark.slow
+def test_streamed_tiled_masks_equal_tensorflows(gray_model, mosaic, tmp_path):
+    path = copy_model(gray_model[0], str(tmp_path))
+    images = tmp_path / "images"
+    images.mkdir()
+    tifffile.imwrite(images / "slide.tif", mosaic, tile=(256, 256), compression="zlib")
+    common = ["--saved_model_filepath", path, "--image_folder", str(images), "--tile_size", "512",
+              "--streaming_megapixels", "0.5"]
+    # the script as a user runs it: no --engine, so auto, which is OpenVINO on a machine without a GPU
+    result = run_script(*common, "--output_folder", str(tmp_path / "auto"))
+    assert result.returncode == 0, result.stderr
+    assert "; engine openvino" in result.stdout
+    inference.main([*common, "--output_folder", str(tmp_path / "tensorflow"), "--engine", "tensorflow"])
+    with tifffile.TiffFile(tmp_path / "auto" / "slide.tif") as tiff:
+        assert tiff.pages.first.is_tiled  # written tile by tile: the streamed path
+        on_openvino = tiff.asarray()
+    on_tensorflow = tifffile.imread(tmp_path / "tensorflow" / "slide.tif")
+    assert on_openvino.shape == mosaic.shape
+    assert np.mean(on_openvino == on_tensorflow) >= MASK_AGREEMENT
+
+
+# ---------------------------------------------------------------------------------------------
+# the conversion cache
+
+@pytest.mark.slow
+def test_second_load_reuses_the_cache_and_a_changed_model_invalidates_it(tmp_path, monkeypatch):
+    import openvino
+
+    first = export_tiny_model(str(tmp_path / "first"), number_channels=1, number_classes=2, seed=4)[0]
+    second = export_tiny_model(str(tmp_path / "second"), number_channels=1, number_classes=2, seed=5)[0]
+    path = str(tmp_path / "first")
+    images = np.random.default_rng(0).standard_normal((1, 64, 64, 1), dtype=np.float32)
+    predict = inference_engines.load_predictor(path, "openvino")[0]
+    cache = os.path.join(path, inference_engines.CACHE_FOLDER)
+    assert sorted(os.listdir(cache)) == ["model.bin", "model.xml", "source.json"]
+    assert os.path.getsize(os.path.join(cache, "model.bin")) > 0
+    written = os.stat(os.path.join(cache, "model.xml"))
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again although the cache is current")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(openvino, "convert_model", no_conversion)
+        cached = inference_engines.load_predictor(path, "openvino")[0]
+    reread = os.stat(os.path.join(cache, "model.xml"))
+    assert (reread.st_ino, reread.st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
+    np.testing.assert_array_equal(cached(images), predict(images))
+
+    # new weights (the second model's graph and variables) in the same folder, the old cache left there
+    shutil.copy2(tmp_path / "second" / "saved_model.pb", os.path.join(path, "saved_model.pb"))
+    shutil.rmtree(os.path.join(path, "variables"))
+    shutil.copytree(tmp_path / "second" / "variables", os.path.join(path, "variables"))
+    reloaded = inference_engines.load_predictor(path, "openvino")[0]
+    assert np.abs(reloaded(images) - second(images)).max() < 1e-5
+    assert np.abs(reloaded(images) - first(images)).max() > 1e-3
+    assert os.stat(os.path.join(cache, "model.xml")).st_ino != written.st_ino  # rewritten for the new model
+
+
+def read_only_command(command, folder):
+    """`command` with `folder` read-only: by its permissions, and for root (whom they do not stop) on a
+    read-only bind mount in a private mount namespace."""
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            os.chmod(os.path.join(parent, name), 0o444)
+        os.chmod(parent, 0o555)
+    if os.geteuid() != 0:
+        return command
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
+        pytest.skip("running as root without unshare -m: no way to make a folder read-only")
+    mount = f"mount --bind {folder} {folder} && mount -o remount,bind,ro {folder} && exec \"$@\""
+    return ["unshare", "-m", "sh", "-c", mount, "sh", *command]
+
+
+@pytest.mark.slow
+def test_read_only_model_folder_converts_in_memory(gray_model, tmp_path):
+    path = copy_model(gray_model[0], str(tmp_path))
+    check = ("import sys, numpy as np, inference_engines as e; "
+             "p, _, name = e.load_predictor(sys.argv[1], 'openvino'); "
+             "print(name, float(p(np.ones((1, 64, 64, 1), np.float32)).max()))")
+    command = read_only_command([sys.executable, "-c", check, path], path)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    name, probability = result.stdout.split()[-2:]
+    assert name == "openvino" and 0.5 <= float(probability) <= 1.0
+    exported = set(os.listdir(gray_model[0])) - {inference_engines.CACHE_FOLDER}
+    assert sorted(os.listdir(path)) == sorted(exported)  # no cache, no leftovers
+    for parent, _, _ in os.walk(path):
+        os.chmod(parent, 0o755)  # so that pytest can remove it
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: one line, a non-zero exit, nothing written
+
+@pytest.mark.slow
+def test_engine_openvino_without_the_package(gray_model, tmp_path):
+    shadow = tmp_path / "shadow" / "openvino"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('No module named openvino (shadowed by the test)')\n")
+    images = tmp_path / "images"
+    images.mkdir()
+    tifffile.imwrite(images / "a.tif", np.zeros((64, 64), np.uint16))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "shadow"), REPO_ROOT])}
+    result = run_script("--saved_model_filepath", gray_model[0], "--image_folder", str(images),
+                        "--output_folder", str(tmp_path / "out"), "--engine", "openvino", env=env)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --engine openvino needs the openvino package (pip install openvino)"), last
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_model_openvino_cannot_convert(gray_model, tmp_path, capsys):
+    path = copy_model(gray_model[0], str(tmp_path))
+    with open(os.path.join(path, "saved_model.pb"), "wb") as handle:
+        handle.write(b"not a protocol buffer" * 20)
+    images = tmp_path / "images"
+    images.mkdir()
+    tifffile.imwrite(images / "a.tif", np.zeros((64, 64), np.uint16))
+    with pytest.raises(SystemExit) as exit_info:
+        inference.main(["--saved_model_filepath", path, "--image_folder", str(images),
+                        "--output_folder", str(tmp_path / "out"), "--engine", "openvino"])
+    message = str(exit_info.value.code)
+    assert message.startswith(f"error: {path}: OpenVINO cannot convert this SavedModel")
+    assert message.endswith("use --engine tensorflow") and "\n" not in message
+    assert not (tmp_path / "out").exists()
+    assert not os.path.exists(os.path.join(path, inference_engines.CACHE_FOLDER))
