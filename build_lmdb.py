@@ -22,6 +22,7 @@ import multiprocessing.connection
 import os
 import queue
 import random
+import re
 import secrets
 import signal
 import sys
@@ -257,7 +258,7 @@ def store_chunk(tasks, database, store):
     try:
         store.put(database, [record for result in encoded for record in result["records"]])
     except lmdb.Error as error:  # a full disk, for instance
-        return [{"error": f"{database}: writing the database failed ({error})"}] * len(tasks)
+        return [{"error": database_write_error(database, error)}] * len(tasks)
     return [dict(result, records=len(result["records"])) for result in encoded]
 
 
@@ -418,8 +419,14 @@ class WorkerPool:
     @staticmethod
     def _died(process):
         process.join(timeout=1)
-        return (f"worker process {process.pid} died (exit code {process.exitcode}); "
-                "out of memory? try fewer --workers")
+        code = process.exitcode
+        how = f"exit code {code}"
+        if code is not None and code < 0:
+            try:
+                how = f"killed by signal {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"killed by signal {-code}"
+        return f"worker process {process.pid} died ({how}); out of memory? try fewer --workers"
 
     def close(self):
         self.stopping.set()
@@ -451,6 +458,26 @@ def output_folder_of(temporaries):
     return os.path.dirname(next(iter(temporaries.values()))) or "."
 
 
+def database_write_error(temporary, error):
+    """One line for a failed database write, naming the database (not its hidden temporary name)."""
+    folder, name = os.path.split(temporary)
+    name = re.sub(r"^\.(.*)\.tmp-\d+$", r"\1", name)
+    return (f"{os.path.join(folder, name)}: writing the database failed ({error}{disk_full_note(folder or '.')}); "
+            f"earlier databases are left as they were")
+
+
+def disk_full_note(folder):
+    """'; the disk is full ...' when it is: LMDB reports a full disk at commit as an I/O error."""
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return ""
+    free = stats.f_bavail * stats.f_frsize
+    if free >= max(1 << 20, stats.f_blocks * stats.f_frsize // 1000):
+        return ""
+    return f"; the disk is full: {free >> 10} KiB free"
+
+
 def write_splits(splits, temporaries, targets, image_folder, mask_folder, tile, workers, log, cancel):
     """Write every split into its temporary directory; returns {split: (records, pixel bytes, padded)}."""
     pool = None
@@ -477,7 +504,7 @@ def write_splits(splits, temporaries, targets, image_folder, mask_folder, tile, 
                                     "".join(f"{name}\n" for name in files))
         return written
     except lmdb.Error as error:  # a full disk, for instance
-        raise ValueError(f"{output_folder_of(temporaries)}: writing the database failed ({error})") from None
+        raise ValueError(database_write_error(next(iter(temporaries.values())), error)) from None
     finally:
         if pool is not None:
             pool.close()

@@ -22,6 +22,11 @@ Design decisions:
 - A worker that fails sends its error (with the record key) and exits; a worker that dies without a
   word is noticed by polling the processes between queue reads. Either way the consumer raises
   ReaderError within about a second and the remaining workers are stopped.
+- A watchdog thread waits on the workers' sentinels as well, because the consumer may not read for
+  a long time: tf.data buffers examples ahead (a test pipeline held 16 examples, almost three test
+  passes of 6), and a reader only read between test passes would report a death at the next pass
+  but two, an epoch later. check() raises the watchdog's error at once; the training loop calls it
+  between steps.
 - Workers ignore SIGINT (the parent handles Ctrl-C and stops them) and exit by themselves when
   their parent is gone, so no worker outlives the program.
 - Parts: inspect_database() checks a database once; SlotRing owns the shared memory; WorkerSet
@@ -61,7 +66,15 @@ _MIN_SLOTS_PER_WORKER = 2
 
 
 class ReaderError(RuntimeError):
-    """A worker failed or died; the message carries its error and the record key when known."""
+    """A worker failed or died; the message carries its error and the record key when known.
+
+    died: the worker ended without reporting an error (killed, crashed, exited): the data is not
+    to blame, and running again may succeed.
+    """
+
+    def __init__(self, message, died=False):
+        super().__init__(message)
+        self.died = died
 
 
 def describe_exit(exitcode):
@@ -258,12 +271,14 @@ class ImageReader:
         (a multiple of 32, at most the record size), cut after augmentation and normalisation.
     seed: None for fresh randomness; an int gives worker i the stream default_rng([seed, i]).
     queue_size_per_worker: finished examples buffered per worker (fewer when /dev/shm is small).
+    name: what the reader is for ("train", "test"), named in its error messages.
     """
 
     def __init__(self, img_db, use_augmentation=True, balance_classes=False, shuffle=True,
                  num_workers=1, number_classes=2, augmentation_config=None, seed=None,
-                 queue_size_per_worker=100, crop_size=0):
+                 queue_size_per_worker=100, crop_size=0, name=None):
         self.db_path = os.fspath(img_db)
+        self.label = f"{name} reader" if name else "reader"  # names the reader in error messages
         if int(num_workers) < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         if int(number_classes) < 1:
@@ -298,6 +313,9 @@ class ImageReader:
         self._started = False
         self._stop_event = None
         self._error = None
+        self._error_lock = threading.Lock()
+        self._watchdog = None
+        self._watching = threading.Event()
         self._served = 0
         self._starving = False
         self._starvation_armed = False
@@ -347,6 +365,10 @@ class ImageReader:
             self._free_queue.put(slot)
         self._started = True
         self._workers.start(self.num_workers, settings, self._ready_queue, self._free_queue, self._stop_event)
+        self._watching.set()
+        self._watchdog = threading.Thread(target=self._watch, name=f"ImageReader-watchdog-{self.db_path}",
+                                          daemon=True)
+        self._watchdog.start()
         atexit.register(self.shutdown)  # an uncaught exception or Ctrl-C still frees the shared memory
 
     def shutdown(self):
@@ -354,6 +376,11 @@ class ImageReader:
         if not self._started:
             return
         atexit.unregister(self.shutdown)
+        # before the workers are told to stop: their ends are no failure, and stop() closes the
+        # sentinels the watchdog waits on
+        self._watching.clear()
+        if self._watchdog is not None:  # None when starting the workers failed
+            self._watchdog.join()
         self._stop_event.set()
         self._workers.stop()
         with self._lock:  # a consumer thread may be copying out of a slot right now
@@ -390,25 +417,68 @@ class ImageReader:
     def worker_pids(self):
         return self._workers.pids
 
+    @property
+    def failure(self):
+        """The ReaderError of a failed or dead worker, None while all is well."""
+        return self._error
+
+    def check(self):
+        """Raise ReaderError if a worker has failed or died; cheap enough to call between steps."""
+        if self._error is not None:
+            raise self._error
+
+    def _watch(self):
+        """Watchdog thread: record the failure of the first worker that ends before shutdown()."""
+        sentinels = {process.sentinel: (index, process) for index, process in enumerate(self._workers.processes)}
+        while self._watching.is_set() and self._error is None:
+            ended = multiprocessing.connection.wait(list(sentinels), timeout=reader_worker.POLL_SECONDS)
+            if ended and self._watching.is_set():
+                self._record_failure(self._ended_error(*sentinels[ended[0]]))
+
     def _check_workers(self):
         """ReaderError when a worker has ended: its own message if it sent one, else how it died."""
-        for index, process in self._workers.ended():
-            process.join(0.5)
-            # a worker that failed sent its error before exiting: it is behind the queued examples
-            deadline = time.monotonic() + 2.0
-            while time.monotonic() < deadline:
-                try:
-                    item = self._ready_queue.get(timeout=reader_worker.POLL_SECONDS)
-                except queue.Empty:
-                    continue
-                if item[0] == "error":
-                    self._fail(f"{self.db_path}: reader worker {item[1]} failed on {item[2]}")
-            self._fail(f"{self.db_path}: reader worker {index} {describe_exit(process.exitcode)}")
+        self.check()
+        ended = self._workers.ended()
+        if ended:
+            # the watchdog saw it too: let it alone reap the process and read the queue for the message
+            self._watchdog.join(5.0)
+            self.check()
+            self._fail(self._death_error(*ended[0]))
 
-    def _fail(self, message):
-        self._error = ReaderError(message)
+    def _ended_error(self, index, process):
+        process.join(0.5)
+        if process.exitcode is not None and process.exitcode < 0:  # killed: it sent nothing
+            return self._death_error(index, process)
+        # a worker that failed sent its error before exiting: it is behind the queued examples
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and self._error is None:
+            try:
+                item = self._ready_queue.get(timeout=reader_worker.POLL_SECONDS)
+            except queue.Empty:
+                continue
+            except (OSError, ValueError, EOFError):  # closed by shutdown()
+                break
+            if item[0] == "error":
+                return self._error_item(item)
+        return self._death_error(index, process)
+
+    def _death_error(self, index, process):
+        return ReaderError(f"{self.db_path}: {self.label} worker {index} {describe_exit(process.exitcode)}",
+                           died=True)
+
+    def _error_item(self, item):
+        return ReaderError(f"{self.db_path}: {self.label} worker {item[1]} failed on {item[2]}")
+
+    def _record_failure(self, error):
+        """Keep the first failure (the consumer and the watchdog may both see it) and stop the rest."""
+        with self._error_lock:
+            if self._error is None:
+                self._error = error
         self._stop_event.set()
-        raise self._error
+        return self._error
+
+    def _fail(self, error):
+        raise self._record_failure(error)
 
     def get_example(self, timeout=None):
         """Next (float32 HWC image, HW mask); None once shutdown() was called.
@@ -424,6 +494,7 @@ class ImageReader:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if self._stop_event.is_set():
+                self.check()  # stopped by a failure (the watchdog's): say so, do not just end
                 return None
             self._check_workers()  # a few waitpid calls: dead workers are noticed at once
             try:
@@ -436,7 +507,7 @@ class ImageReader:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"{self.db_path}: no example within {timeout} s")
         if item[0] == "error":
-            self._fail(f"{self.db_path}: reader worker {item[1]} failed on {item[2]}")
+            self._fail(self._error_item(item))
         with self._lock:  # shutdown() unmaps the ring under the same lock
             if self._ring.views is None:
                 return None

@@ -19,7 +19,9 @@ Files (only the chief writes; every file and directory is swapped in whole by at
     resume/                  model + optimizer checkpoint and state.json, to continue the run
 """
 
+import contextlib
 import csv
+import errno
 import io
 import json
 import os
@@ -60,6 +62,27 @@ RUN_DEFINING = ("train_database", "test_database", "batch_size", "number_classes
 # the values that settings written before a flag existed stand for
 SETTINGS_DEFAULTS = {"crop_size": 0, "lr_schedule": "constant", "decay_epochs": None, "weight_averaging": 0,
                      "weight_averaging_decay": None, "loss": "cross_entropy"}
+
+
+def write_failure_reason(error):
+    """The gist of why a write failed: the OS's words, or the last words of TensorFlow's message."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    text = str(error.message if hasattr(error, "message") else error)
+    if os.strerror(errno.ENOSPC) in text:
+        return os.strerror(errno.ENOSPC)
+    return text.strip().splitlines()[-1].split("}}")[-1].strip() if text.strip() else type(error).__name__
+
+
+@contextlib.contextmanager
+def writing(path, what):
+    """A failed write (a full disk, say) as one ValueError line naming `path`. Every write of the run
+    folder is swapped in whole by atomic_files, so the previous version is still in place."""
+    try:
+        yield
+    except (OSError, tf.errors.OpError) as error:
+        raise ValueError(f"{path}: cannot write {what} ({write_failure_reason(error)}); the previous "
+                         f"version is kept, free the space and run the same command to continue") from None
 
 
 def run_settings(args, augmentation):
@@ -136,14 +159,17 @@ class RunFolder:
 
     def write_settings(self, settings):
         if self.is_chief:
-            os.makedirs(self.path, exist_ok=True)
-            atomic_files.write_text(self.file(SETTINGS_FILE), json.dumps(settings, indent=1) + "\n")
+            with writing(self.file(SETTINGS_FILE), "the run settings"):
+                os.makedirs(self.path, exist_ok=True)
+                atomic_files.write_text(self.file(SETTINGS_FILE), json.dumps(settings, indent=1) + "\n")
 
     def write_history(self, history, number_classes):
         """test_loss.csv (the reference's) and test_metrics.csv from the test passes so far."""
         if not self.is_chief:
             return
-        atomic_files.write_text(self.file(TEST_LOSS_FILE), "".join(f"{entry['test_loss']}\n" for entry in history))
+        with writing(self.file(TEST_LOSS_FILE), "the test history"):
+            atomic_files.write_text(self.file(TEST_LOSS_FILE),
+                                    "".join(f"{entry['test_loss']}\n" for entry in history))
         text = io.StringIO()
         writer = csv.writer(text, lineterminator="\n")
         writer.writerow(["epoch", "global_step", "test_loss", "pixel_accuracy", "mean_iou"]
@@ -151,7 +177,8 @@ class RunFolder:
         for entry in history:
             writer.writerow([entry["epoch"], entry["global_step"], entry["test_loss"], entry["pixel_accuracy"],
                              entry["mean_iou"]] + entry["iou"])
-        atomic_files.write_text(self.file(TEST_METRICS_FILE), text.getvalue())
+        with writing(self.file(TEST_METRICS_FILE), "the test history"):
+            atomic_files.write_text(self.file(TEST_METRICS_FILE), text.getvalue())
 
     def save_resume(self, checkpoint, state):
         """Model + optimizer + state into resume/, swapped in whole. Every worker takes part (the
@@ -163,7 +190,8 @@ class RunFolder:
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
             return
-        with atomic_files.replacing_directory(self.file(RESUME_DIR)) as staging:
+        with writing(self.file(RESUME_DIR), "the resume point"), \
+                atomic_files.replacing_directory(self.file(RESUME_DIR)) as staging:
             checkpoint.write(os.path.join(staging, CKPT_PREFIX))
             with open(os.path.join(staging, STATE_FILE), "w") as handle:
                 json.dump(state, handle, indent=1)
@@ -173,14 +201,17 @@ class RunFolder:
         if not self.is_chief:
             return
         export_model.set_weights(weights)
-        with atomic_files.replacing_directory(self.file(BEST_CHECKPOINT_DIR)) as staging:
+        with writing(self.file(BEST_CHECKPOINT_DIR), "the best model's checkpoint"), \
+                atomic_files.replacing_directory(self.file(BEST_CHECKPOINT_DIR)) as staging:
             tf.train.Checkpoint(model=export_model).write(os.path.join(staging, CKPT_PREFIX))
-        saved_model.export_saved_model(export_model, self.file(SAVED_MODEL_DIR),
-                                       extra_metadata={"training": metadata})
+        with writing(self.file(SAVED_MODEL_DIR), "the best model"):
+            saved_model.export_saved_model(export_model, self.file(SAVED_MODEL_DIR),
+                                           extra_metadata={"training": metadata})
 
     def write_curves(self, history, best_epoch):
         if self.is_chief and history:
-            qc_pictures.write_training_curves(self.file(CURVES_FILE), history, best_epoch)
+            with writing(self.file(CURVES_FILE), "the training curves"):
+                qc_pictures.write_training_curves(self.file(CURVES_FILE), history, best_epoch)
 
     def write_test_predictions(self, model, test_database, epoch):
         """The best model on the first PREDICTION_RECORDS test records, with true and predicted outlines."""
@@ -193,7 +224,9 @@ class RunFolder:
             predicted = np.argmax(np.asarray(probabilities)[0], axis=-1)
             examples.append((key.split(":")[0], record.image, record.mask, predicted))
         if examples:
-            qc_pictures.write_test_predictions(self.file(PREDICTIONS_FILE), examples, f"best model, epoch {epoch}")
+            with writing(self.file(PREDICTIONS_FILE), "the test predictions"):
+                qc_pictures.write_test_predictions(self.file(PREDICTIONS_FILE), examples,
+                                                   f"best model, epoch {epoch}")
 
 
 def first_records(database, count):

@@ -31,6 +31,7 @@ import contextlib
 import gc
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -50,7 +51,14 @@ if __name__ != "__mp_main__":
     from tensorflow.core.framework import summary_pb2
 
     import fcdensenet
-    from run_folder import BIOIMAGEIO_PACKAGE, CKPT_PREFIX, SAVED_MODEL_DIR, RunFolder, run_settings
+    from run_folder import (
+        BIOIMAGEIO_PACKAGE,
+        CKPT_PREFIX,
+        SAVED_MODEL_DIR,
+        RunFolder,
+        run_settings,
+        write_failure_reason,
+    )
     from training_recipe import (
         DEFAULT_AVERAGE_DECAY,
         LOSSES,
@@ -368,10 +376,16 @@ def write_scalars(writer, step, values):
     plugin's metadata writes the same event records without it."""
     metadata = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(
         plugin_name="scalars"))
-    with writer.as_default(step=step):
-        for tag, value in values.items():
-            tf.summary.write(tag, tf.constant(value, tf.float32), metadata=metadata)
-    writer.flush()
+    try:
+        with writer.as_default(step=step):
+            for tag, value in values.items():
+                tf.summary.write(tag, tf.constant(value, tf.float32), metadata=metadata)
+        writer.flush()
+    except tf.errors.OpError as error:  # a full disk: the writes fail at the flush
+        events = re.search(r"(\S*events\.out\.tfevents\S*?);", str(error))
+        raise ValueError(f"{events.group(1) + ': ' if events else ''}cannot write the TensorBoard summaries "
+                         f"({write_failure_reason(error)}); the summaries written so far are kept, free the "
+                         f"space and run the same command to continue") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -439,6 +453,7 @@ class Trainer:
         self.replicas = strategy.num_replicas_in_sync
         self.global_batch = args.batch_size * self.replicas
         self.train_reader = train_reader
+        self.test_reader = test_reader
         channels = train_reader.get_image_size()[2]
         self.warmup_steps = min(MAX_WARMUP_STEPS, args.test_every_n_steps)
 
@@ -529,6 +544,16 @@ class Trainer:
                 interval_steps, timed_steps, interval_start = 0, 0, time.perf_counter()
             if self.stop_agreed(votes):
                 raise Interrupted
+            self.check_readers()
+
+    def check_readers(self):
+        """ReaderError if a worker of either reader has died: the test reader is read only between
+        epochs (and tf.data reads ahead), so its worker's death would go unnoticed for an epoch."""
+        self.train_reader.check()
+        self.test_reader.check()
+
+    def reader_failure(self):
+        return self.train_reader.failure or self.test_reader.failure
 
     def stop_agreed(self, votes):
         """Stop now? One worker acts on its own signal at once; several stop together, in the step
@@ -595,6 +620,7 @@ class Trainer:
             confusion += step_confusion.numpy()
             if self.stop_agreed(totals[2]):
                 raise Interrupted  # the epoch's training is done: a resumed run starts with this test
+            self.check_readers()
         accuracy, iou, mean_iou = segmentation_metrics(confusion)
         train_loss = self.state.pop("epoch_loss", None)  # the pass is complete: the epoch's mean goes in its entry
         entry = {"epoch": self.state["epoch"], "global_step": self.state["global_step"],
@@ -680,10 +706,11 @@ def open_readers(args, stack, local_replicas, worker_index, augmentation, global
                                balance_classes=bool(args.balance_classes), shuffle=True,
                                num_workers=args.reader_count * local_replicas,
                                number_classes=args.number_classes, augmentation_config=augmentation,
-                               seed=seed, crop_size=args.crop_size)
+                               seed=seed, crop_size=args.crop_size, name="train")
     # one ordered worker for the test set, so that a pass sees every record exactly once
     test_reader = ImageReader(args.test_database, use_augmentation=False, balance_classes=False,
-                              shuffle=False, num_workers=1, number_classes=args.number_classes, seed=seed)
+                              shuffle=False, num_workers=1, number_classes=args.number_classes, seed=seed,
+                              name="test")
     train_channels, test_channels = train_reader.get_image_size()[2], test_reader.get_image_size()[2]
     if train_channels != test_channels:
         raise ValueError(f"{args.test_database}: {test_channels} channel(s) but the train database "
@@ -728,6 +755,20 @@ def save_and_exit(trainer, stop, note):
     return 128 + stop.signal_number
 
 
+def save_after_reader_failure(trainer):
+    """A reader worker died or failed: save the last completed step, raise its error as one line."""
+    failure = trainer.reader_failure()
+    try:
+        trainer.save_resume()
+    except (OSError, tf.errors.OpError) as error:
+        raise ReaderError(f"{failure}; could not save a resume point ({reader_error_message(error)}), "
+                          f"the previous one is kept") from None
+    state = trainer.state
+    advice = ", run the same command to continue" if failure.died else ""
+    raise ReaderError(f"{failure}; saved a resume point at epoch {state['epoch']} step "
+                      f"{state['step_in_epoch']}{advice}") from None
+
+
 def train(args, stop):
     augmentation = load_augmentation(args)
     strategy = make_strategy()
@@ -769,13 +810,15 @@ def train(args, stop):
             state = trainer.run()
         except Interrupted:
             return save_and_exit(trainer, stop, "")
-        except tf.errors.OpError as error:
+        except (ReaderError, tf.errors.OpError) as error:
             time.sleep(0.5)  # a signal that also ended the reader workers may not be handled yet
-            if not stop.requested:
+            if stop.requested:
+                # the signal also reached the reader processes and ended them mid-step: the step was
+                # not applied, so the last completed step is a consistent resume point
+                return save_and_exit(trainer, stop, f" (the readers stopped: {reader_error_message(error)})")
+            if trainer.reader_failure() is None:
                 raise
-            # the signal also reached the reader processes and ended them mid-step: the step was not
-            # applied, so the last completed step is a consistent resume point
-            return save_and_exit(trainer, stop, f" (the readers stopped: {reader_error_message(error)})")
+            save_after_reader_failure(trainer)
     best = state["history"][state["best_epoch"]]
     print(f"finished: {state['finished']}; best epoch {state['best_epoch']} test loss "
           f"{best['test_loss']:.6f} mean IoU {best['mean_iou']:.4f}; model in "

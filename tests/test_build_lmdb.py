@@ -579,5 +579,36 @@ def test_a_worker_that_dies_is_reported_not_waited_for(tmp_path):
     finally:
         stop_group(process)
     result = subprocess.CompletedProcess(process.args, process.returncode, "", stderr)
-    assert_one_error_line(result, f"worker process {workers[0]} died")
+    assert_one_error_line(result, f"worker process {workers[0]} died (killed by signal SIGKILL)")
     assert_no_database(output)
+
+
+@pytest.mark.slow
+def test_a_full_disk_keeps_the_previous_databases_and_the_same_command_works_once_freed(tmp_path):
+    images, masks, _ = make_dataset(tmp_path / "src", count=6, shape=(256, 256))
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        output = disk / "out"
+        command = ["--image_folder", images, "--mask_folder", masks, "--output_folder", str(output),
+                   "--seed", "1", "--workers", "2"]
+        assert run_build(*command).returncode == 0
+        before = {name: read_db(str(output / name)) for name in ("train-HES.lmdb", "test-HES.lmdb")}
+        stats = os.statvfs(disk)
+        with open(disk / "filler", "wb") as handle:  # less room than one database needs
+            handle.write(b"\0" * (stats.f_bavail * stats.f_frsize - 100_000))
+        full = run_build(*command[:-4], "--seed", "2", "--workers", "2")
+        assert_one_error_line(full, f"{output}/", "-HES.lmdb: writing the database failed", "the disk is full",
+                              "earlier databases are left as they were")
+        assert sorted(os.listdir(output)) == sorted(before)  # nothing half-written beside them
+        assert {name: read_db(str(output / name)) for name in before} == before
+
+        os.remove(disk / "filler")
+        assert run_build(*command[:-4], "--seed", "2", "--workers", "2").returncode == 0
+        assert {name: read_db(str(output / name)) for name in before} != before
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)

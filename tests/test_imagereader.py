@@ -235,6 +235,38 @@ def test_worker_failure_raises_in_the_consumer(tmp_path, bad_entry, match):
         assert wait_until_gone(pids) == []  # the failure stopped the workers without shutdown()
 
 
+def damage_pages(db_path, which):
+    """Overwrite pages of data.mdb with noise: "values" the body of one record's first
+    overflow page, not the first record's (the keys stay readable), "tree" every page past the meta pages."""
+    path = os.path.join(db_path, "data.mdb")
+    with open(path, "r+b") as handle:
+        data = handle.read()
+        page_size = 4096
+        pages = [page for page in range(2, len(data) // page_size)
+                 if which == "tree" or int.from_bytes(data[page * page_size + 10:page * page_size + 12],
+                                                      "little") & 0x04]  # P_OVERFLOW
+        noise = np.random.default_rng(0).integers(0, 256, page_size, dtype=np.uint8).tobytes()
+        for page in pages[2:3] if which == "values" else pages:
+            handle.seek(page * page_size + 16)
+            handle.write(noise[16:])
+
+
+@pytest.mark.parametrize("which", ["values", "tree"])
+def test_damaged_database_pages_are_one_line_naming_it(tmp_path, which):
+    path = write_db(tmp_path / "damaged.lmdb", [record_entry(i, size=(64, 64)) for i in range(6)])
+    damage_pages(path, which)
+    if which == "tree":  # found by the inspection, before any worker starts
+        with pytest.raises(ValueError, match=f"^{path}: cannot read the database .*MDB_CORRUPTED"):
+            ImageReader(path)
+        return
+    with ImageReader(path, shuffle=False, use_augmentation=False, name="train") as reader:
+        with pytest.raises(ReaderError, match=f"^{path}: train reader worker 0 failed on record 'img_00[1-5]:0,1': "
+                                              "ValueError: corrupt record") as error:
+            for _ in range(10):
+                reader.get_example(timeout=60)
+    assert not error.value.died and "\n" not in str(error.value)
+
+
 def test_failure_reaches_a_tf_pipeline(tmp_path):
     path = write_db(tmp_path / "bad.lmdb", [record_entry(0), record_entry(1, classes=(0, 5), key_classes=(0,))])
     with ImageReader(path, shuffle=False) as reader:
@@ -256,6 +288,46 @@ def test_killed_worker_is_detected(small_db):
         pids = reader.worker_pids
     assert multiprocessing.active_children() == []
     assert wait_until_gone(pids) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSEGV])
+def test_a_death_is_known_without_reading(small_db, sig):
+    """Nothing reads (the ring is full, as a test reader's between test passes): check() raises."""
+    with ImageReader(small_db, num_workers=2, seed=0, queue_size_per_worker=2, name="train") as reader:
+        while reader.queue_depth() < reader.capacity:
+            time.sleep(0.05)
+        pids = reader.worker_pids
+        os.kill(pids[0], sig)
+        deadline = time.monotonic() + 10
+        while reader.failure is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(ReaderError, match=f"train reader worker 0 was killed by signal {sig.name}$") as error:
+            reader.check()
+        assert error.value.died
+        assert wait_until_gone(pids) == []  # the failure stopped the other worker without shutdown()
+    assert multiprocessing.active_children() == []
+
+
+def test_a_death_ends_a_wait_on_an_empty_ring(tmp_path):
+    # 256x256 examples take the worker longer than the consumer: it waits on an empty ring
+    path = write_db(tmp_path / "large.lmdb", [record_entry(i, size=(256, 256)) for i in range(3)])
+    with ImageReader(path, queue_size_per_worker=2, seed=0, name="test") as reader:
+        take(reader, 6)
+        waited = []
+        consumer = threading.Thread(target=lambda: waited.append(_expect_error(reader)))
+        consumer.start()
+        os.kill(reader.worker_pids[0], signal.SIGKILL)
+        consumer.join(20)
+        assert not consumer.is_alive()
+    assert "test reader worker 0 was killed by signal SIGKILL" in waited[0]
+
+
+def _expect_error(reader):
+    try:
+        while True:
+            reader.get_example()
+    except ReaderError as error:
+        return str(error)
 
 
 SCRIPT = textwrap.dedent("""

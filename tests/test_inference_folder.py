@@ -187,3 +187,40 @@ def test_a_terminal_gets_a_progress_bar_and_a_log_gets_lines(gray_model, mosaic,
     assert "small_0.tif: 96x128" not in on_terminal.stdout
     in_a_log = run_script(*command[2:])
     assert "small_0.tif: 96x128, 1 tile(s)" in in_a_log.stdout and "image/s" not in in_a_log.stdout
+
+
+@pytest.mark.slow
+def test_a_full_disk_lists_the_masks_not_written_and_leaves_no_half_written_one(gray_model, mosaic, tmp_path):
+    model_path, _, _ = gray_model
+    images = small_folder(str(tmp_path / "images"), mosaic)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        masks = disk / "masks"
+        masks.mkdir()
+        stats = os.statvfs(disk)
+        with open(disk / "filler", "wb") as handle:  # room for a few 96x128 masks, not for all eight
+            handle.write(b"\0" * (stats.f_bavail * stats.f_frsize - 40_000))
+        command = ["--saved_model_filepath", model_path, "--image_folder", str(tmp_path / "images"),
+                   "--output_folder", str(masks), "--tile_size", "288"]
+        full = run_script(*command)
+        assert full.returncode != 0 and "Traceback" not in full.stderr, full.stderr[-3000:]
+        assert "No space left on device" in full.stderr
+        failed = [line.strip().split(":")[0] for line in full.stderr.split("failed images:")[1].splitlines()
+                  if line.strip()]
+        written = sorted(os.listdir(masks))
+        assert failed and not [name for name in written if name.startswith(".")]  # no half-written mask
+        assert sorted(written + [os.path.basename(path) for path in failed]) == sorted(images)
+        for name in written:  # each mask there is whole
+            assert tifffile.imread(masks / name).shape == images[name].shape
+
+        os.remove(disk / "filler")  # the same command once space is freed: only the failed images
+        again = run_script(*command, "--skip_existing", "1")
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert sorted(os.listdir(masks)) == sorted(images)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)

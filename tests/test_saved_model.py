@@ -109,3 +109,20 @@ def test_load_rejects_missing_and_foreign_paths(tmp_path):
     with pytest.raises(ValueError, match="cannot load the SavedModel") as error:
         saved_model.load_saved_model(foreign)
     assert str(foreign) in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_damaged_export_is_one_line_naming_it(exported, tmp_path, damage):
+    import shutil
+
+    path = str(tmp_path / "damaged")
+    shutil.copytree(exported[0], path)
+    variables = os.path.join(path, "variables", "variables.data-00000-of-00001")
+    if damage == "truncated":  # as a copy cut short by a full disk or a killed transfer
+        os.truncate(variables, os.path.getsize(variables) // 2)
+    else:
+        os.remove(variables)
+    with pytest.raises(ValueError) as error:
+        saved_model.load_saved_model(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: cannot load the SavedModel") and "\n" not in message, message

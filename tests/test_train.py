@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -430,6 +431,157 @@ def test_interrupt_and_resume_keep_the_history_continuous(databases, tmp_path):
     assert len((output / "test_loss.csv").read_text().split()) == 3
     assert len([name for name in os.listdir(output) if name.startswith("tensorboard-")]) == 1
     assert not [name for name in os.listdir(output) if name.startswith(".")]  # nothing parked or staged
+
+
+# ----------------------------------------------------------------------------------------------
+# a reader worker killed by a signal (the kernel's OOM killer, a crash) ends the run at once
+
+
+def reader_workers(trainer_pid):
+    """The trainer's reader workers, oldest first: the train reader's, then the test reader's."""
+    workers = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                spawned = b"spawn_main" in handle.read()
+        except OSError:
+            continue
+        if int(fields[1]) == trainer_pid and spawned:
+            workers.append((int(fields[19]), int(entry)))  # (start time, pid)
+    return [pid for _, pid in sorted(workers)]
+
+
+def kill_worker_after(command, marker, worker, sig, timeout=240):
+    """Run the trainer until a stdout line holds `marker`, then send `sig` to reader worker number
+    `worker` (train reader's first, the test reader's last); return (return code, stdout, stderr,
+    seconds from the kill to the exit)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, **QUIET_TF), start_new_session=True)
+    lines, killed_at = [], None
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if marker in line:
+                os.kill(reader_workers(process.pid)[worker], sig)
+                killed_at = time.monotonic()
+                break
+        assert killed_at is not None, "".join(lines)
+        rest, stderr = process.communicate(timeout=timeout)
+        elapsed = time.monotonic() - killed_at
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert not group_members(process.pid)  # no reader worker or tracker left behind
+    return process.returncode, "".join(lines) + rest, stderr, elapsed
+
+
+@pytest.mark.parametrize("reader, reader_count, worker, sig, marker", [
+    ("train", 1, 0, signal.SIGKILL, "epoch 1 step 1/"),  # the ring full
+    ("train", 2, 1, signal.SIGSEGV, "epoch 0 step 2/"),
+    ("test", 1, -1, signal.SIGKILL, "epoch 0 step 20/20"),  # the test pass starts
+])
+@pytest.mark.slow
+def test_a_killed_reader_worker_ends_the_run_with_one_line(databases, tmp_path, reader, reader_count, worker,
+                                                           sig, marker):
+    output = tmp_path / "run"
+    command = train_command(databases, output, "--batch_size", "2", "--test_every_n_steps", "20",
+                            "--max_epochs", "2", "--seed", "0", "--log_every_n_steps", "1",
+                            "--reader_count", str(reader_count))
+    code, out, stderr, elapsed = kill_worker_after(command, marker, worker, sig)
+    assert code == 1, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    index = worker % (reader_count if reader == "train" else 1)
+    assert last.startswith(f"error: {databases[reader]}: {reader} reader worker {index} was killed by "
+                           f"signal {sig.name}; saved a resume point at epoch "), last
+    assert last.endswith(", run the same command to continue"), last
+    assert elapsed < 60, elapsed  # 9-17 s on a loaded 2-core machine, most of it TensorFlow's teardown
+    state = json.loads((output / "resume" / "state.json").read_text())
+    # stopped where it was: a test reader's death is not left to the next test pass, an epoch later
+    assert f"at epoch {state['epoch']} step {state['step_in_epoch']}," in last
+    assert state["global_step"] < 30 and state["finished"] is None, state
+    if reader != "train" or reader_count != 1:
+        return
+    result, left = run(command)  # the same command continues the run
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not left
+    assert f"resuming at epoch {state['epoch']} step {state['step_in_epoch']} " in result.stdout
+    assert "finished: max_epochs 2 reached" in result.stdout
+    assert [row[:2] for row in read_csv_rows(output / "test_metrics.csv")[1:]] == [["0", "20"], ["1", "40"]]
+
+
+# ----------------------------------------------------------------------------------------------
+# a full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MB tmpfs (mounting needs root: skipped where it is not permitted)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def fill_disk(folder, leave):
+    """A file that fills the file system of `folder` but for about `leave` bytes."""
+    filler = os.path.join(folder, "filler")
+    stats = os.statvfs(folder)
+    with open(filler, "wb") as handle:
+        handle.write(b"\0" * max(0, stats.f_bavail * stats.f_frsize - leave))
+    return filler
+
+
+@pytest.mark.slow
+def test_a_full_disk_ends_the_run_with_one_line_and_keeps_the_last_outputs(databases, small_disk):
+    output = small_disk / "run"
+    command = train_command(databases, output, "--batch_size", "2", "--test_every_n_steps", "2",
+                            "--seed", "0", "--log_every_n_steps", "2")
+    first, _ = run(command + ["--max_epochs", "1"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    model_files = sorted(os.listdir(output / "saved_model"))
+    # room for the CSVs, not for a resume point (~0.6 MB) or a SavedModel (~1.1 MB)
+    filler = fill_disk(small_disk, leave=300_000)
+    full, left = run(command + ["--max_epochs", "2"])
+    assert full.returncode == 1 and not left
+    assert "Traceback" not in full.stderr, full.stderr[-3000:]
+    last = full.stderr.strip().splitlines()[-1]
+    assert re.match(rf"error: {output}/(saved_model|checkpoint|resume): cannot write .*\(No space left on "
+                    r"device\); the previous version is kept", last), last
+    assert not [name for name in os.listdir(output) if name.startswith(".")]  # nothing half-written
+    state = json.loads((output / "resume" / "state.json").read_text())
+    assert state["epoch"] == 1 and len(state["history"]) == 1
+    assert sorted(os.listdir(output / "saved_model")) == model_files
+    assert saved_model.read_metadata(str(output / "saved_model"))["training"]["epoch"] == 0
+
+    os.remove(filler)  # the same command once space is freed
+    again, left = run(command + ["--max_epochs", "2"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming at epoch 1 step 0 " in again.stdout and "finished: max_epochs 2 reached" in again.stdout
+    assert [row[:2] for row in read_csv_rows(output / "test_metrics.csv")[1:]] == [["0", "2"], ["1", "4"]]
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_tensorboard_is_one_line(small_disk):
+    import tensorflow as tf
+
+    import train_fcdensenet
+
+    writer = tf.summary.create_file_writer(str(small_disk / "tensorboard" / "train"))
+    train_fcdensenet.write_scalars(writer, 0, {"loss": 1.0})
+    fill_disk(small_disk, leave=0)
+    with pytest.raises(ValueError) as error:
+        for step in range(1, 100):
+            train_fcdensenet.write_scalars(writer, step, {"loss": 1.0, "accuracy": 0.5})
+    message = str(error.value)
+    assert re.match(rf"{small_disk}/tensorboard/train/events\.out\.tfevents\S+: cannot write the TensorBoard "
+                    r"summaries \(No space left on device\)", message) and "\n" not in message, message
 
 
 @pytest.mark.slow
