@@ -30,23 +30,33 @@ def output_path(output_folder, name):
     return os.path.join(output_folder, stem + extension)
 
 
-def tiff_tiles(bands, width, dtype, samples=()):
-    """Re-cut full-width bands of rows (rows, width, *samples) into 1024x1024 TIFF tiles, in storage order."""
-    buffer = np.empty((OUTPUT_TIFF_TILE, width) + tuple(samples), dtype)
-    filled = 0
+def rebanded(bands, rows, width, dtype, samples=()):
+    """Re-cut full-width bands of any heights into blocks of `rows` rows (the last may be shorter).
+
+    Yields (first row, block); the block is a view of one buffer that the next block overwrites, so a
+    consumer that keeps it must copy it.
+    """
+    buffer = np.empty((rows, width) + tuple(samples), dtype)
+    filled = start = 0
     for band in bands:
         used = 0
         while used < len(band):
-            count = min(OUTPUT_TIFF_TILE - filled, len(band) - used)
+            count = min(rows - filled, len(band) - used)
             buffer[filled:filled + count] = band[used:used + count]
             filled, used = filled + count, used + count
-            if filled == OUTPUT_TIFF_TILE:
-                for x in range(0, width, OUTPUT_TIFF_TILE):
-                    yield buffer[:, x:x + OUTPUT_TIFF_TILE].copy()  # the writer may hold tiles a while
-                filled = 0
-    if filled:  # the writer zero-pads the last row of tiles
+            if filled == rows:
+                yield start, buffer
+                start, filled = start + rows, 0
+    if filled:
+        yield start, buffer[:filled]
+
+
+def tiff_tiles(bands, width, dtype, samples=()):
+    """Re-cut full-width bands of rows (rows, width, *samples) into 1024x1024 TIFF tiles, in storage order."""
+    for _, block in rebanded(bands, OUTPUT_TIFF_TILE, width, dtype, samples):
+        # the writer zero-pads a short last row of tiles, and may hold tiles a while: copies
         for x in range(0, width, OUTPUT_TIFF_TILE):
-            yield buffer[:filled, x:x + OUTPUT_TIFF_TILE].copy()
+            yield block[:, x:x + OUTPUT_TIFF_TILE].copy()
 
 
 def _tiff_options(pixel_size, samples):

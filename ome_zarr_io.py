@@ -44,6 +44,7 @@ import numpy as np
 import atomic_files
 import image_files
 import image_sources
+import mask_writers
 import qc_pictures
 
 DEFAULT_LABEL_NAME = "fcdensenet"
@@ -335,27 +336,23 @@ def _create_levels(group, source, dtype):
             for index, level in enumerate(source.levels)]
 
 
-def _chunk_rows(bands, height, width, chunk_height, dtype, path):
-    """Re-cut full-width bands of mask rows into whole chunk rows: (first row, rows) in order."""
-    buffer = np.empty((chunk_height, width), dtype)
-    filled = row = 0
+def _checked_bands(bands, height, width, path):
+    """The mask bands, each checked to fit the image; the rows they hold must add up to its height."""
+    rows = 0
     for band in bands:
         band = np.asarray(band)
-        if band.ndim != 2 or band.shape[1] != width or row + filled + len(band) > height:
+        if band.ndim != 2 or band.shape[1] != width or rows + len(band) > height:
             raise ValueError(f"{path}: a mask band of shape {band.shape} does not fit the "
-                             f"{height}x{width} image after {row + filled} rows")
-        used = 0
-        while used < len(band):
-            count = min(chunk_height - filled, len(band) - used)
-            buffer[filled:filled + count] = band[used:used + count]
-            filled, used = filled + count, used + count
-            if filled == chunk_height:
-                yield row, buffer
-                row, filled = row + chunk_height, 0
-    if filled:
-        yield row, buffer[:filled]
-    if row + filled != height:
-        raise ValueError(f"{path}: the mask bands hold {row + filled} rows, the image {height}")
+                             f"{height}x{width} image after {rows} rows")
+        rows += len(band)
+        yield band
+    if rows != height:
+        raise ValueError(f"{path}: the mask bands hold {rows} rows, the image {height}")
+
+
+def _chunk_rows(bands, height, width, chunk_height, dtype, path):
+    """Re-cut full-width bands of mask rows into whole chunk rows: (first row, rows) in order."""
+    yield from mask_writers.rebanded(_checked_bands(bands, height, width, path), chunk_height, width, dtype)
 
 
 def _write_full_resolution(array, bands, dtype, path):
