@@ -1,6 +1,8 @@
-"""Shared by the tests: the repository root on sys.path, tiny exported models, a real image mosaic."""
+"""Shared by the tests: the repository root on sys.path, tiny exported models, a real image mosaic,
+and running inference_fcdensenet.py as a user would."""
 
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -10,6 +12,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 DATA_IMAGES = os.path.join(REPO_ROOT, "data", "images")
+INFERENCE_SCRIPT = os.path.join(REPO_ROOT, "inference_fcdensenet.py")
 # one layer per block, growth 2, 8 first filters: a radius of 96 pixels, a forward pass in milliseconds
 TINY = dict(variant=None, layers_per_block=1, growth_rate=2, first_filters=8)
 
@@ -51,3 +54,14 @@ def mosaic():
     return np.block([[images[5 * row + column] for column in range(5)] for row in range(6)])[:1500, :1100]
 
 
+
+
+def run_inference(*args, env=None):
+    """inference_fcdensenet.py with `args` in a fresh interpreter; `env` is added to the environment."""
+    return subprocess.run([sys.executable, INFERENCE_SCRIPT, *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=None if env is None else dict(os.environ, **env))
+
+
+def last_line(text):
+    """The script's own last line (TensorFlow prints start-up notices on stderr before it)."""
+    return text.strip().splitlines()[-1]

@@ -15,12 +15,12 @@ import lmdb
 import numpy as np
 import pytest
 import tifffile
+from conftest import REPO_ROOT
 
 import atomic_files
 import build_lmdb
 from records import FILENAMES_CSV, decode_record, key_classes
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, "build_lmdb.py")
 DATA = os.path.join(REPO_ROOT, "data")
 FIXTURES = os.path.join(REPO_ROOT, "tests", "fixtures", "nist-built-lmdb")

@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 import tifffile
+from conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow  # real models / worker processes / scripts
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGES = os.path.join(REPO_ROOT, "data", "images")
 MASKS = os.path.join(REPO_ROOT, "data", "masks")
 

@@ -21,12 +21,13 @@ pytest.importorskip("bioimageio.core")
 pytest.importorskip("tf2onnx")
 pytest.importorskip("onnxruntime")
 
+from conftest import REPO_ROOT
+
 import export_bioimageio as exporter  # noqa: E402
 import qc_pictures  # noqa: E402
 import records  # noqa: E402
 import saved_model as saved_model_api  # noqa: E402
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, "export_bioimageio.py")
 DATA_IMAGES = os.path.join(REPO_ROOT, "data", "images")
 TEST_IMAGE = os.path.join(DATA_IMAGES, sorted(os.listdir(DATA_IMAGES))[0])

@@ -11,6 +11,7 @@ import lmdb
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import REPO_ROOT
 
 import image_files
 import records
@@ -18,7 +19,6 @@ from imagereader import ImageReader, ReaderError
 
 pytestmark = pytest.mark.slow  # real models / worker processes / scripts
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO_ROOT, "tests", "fixtures", "nist-built-lmdb")
 
 

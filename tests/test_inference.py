@@ -5,12 +5,11 @@ saved_model.export_saved_model, which measures their radius (96 pixels).
 """
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tifffile
+from conftest import last_line, run_inference
 
 import image_files
 import image_sources
@@ -19,17 +18,6 @@ import inference_runner
 import mask_writers
 import segmentation
 import tiling
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO_ROOT, "inference_fcdensenet.py")
-def run_script(*args):
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=300)
-
-
-def last_line(text):
-    """The script's own last line (TensorFlow prints start-up notices on stderr before it)."""
-    return text.strip().splitlines()[-1]
-
 
 # ---------------------------------------------------------------------------------------------
 # tiling geometry (no model)
@@ -220,7 +208,7 @@ def test_script_segments_a_folder_and_reports_bad_images(gray_model, mosaic, tmp
     (output / "whole.tif").write_bytes(b"stale mask from an earlier run")
 
     # 0.3 megapixels: slide.tif and whole.tif (0.35) are streamed, the others read whole
-    result = run_script("--saved_model_filepath", model_path, "--image_folder", str(tmp_path / "images"),
+    result = run_inference("--saved_model_filepath", model_path, "--image_folder", str(tmp_path / "images"),
                         "--output_folder", str(output), "--image_format", ".tif", "--tile_size", "288",
                         "--streaming_megapixels", "0.3")
     assert result.returncode == 1, result.stderr
@@ -273,7 +261,7 @@ def test_png_images_give_png_masks(gray_model, mosaic, tmp_path):
     iio.imwrite(str(folder / "eight.png"), (mosaic[:90, :130] // 256).astype(np.uint8))
     iio.imwrite(str(folder / "sixteen.png"), mosaic[:45, :61])
     iio.imwrite(str(folder / "ignored.jpg"), np.zeros((32, 32), np.uint8))
-    result = run_script("--saved_model_filepath", model_path, "--image_folder", str(folder),
+    result = run_inference("--saved_model_filepath", model_path, "--image_folder", str(folder),
                         "--output_folder", str(tmp_path / "out"), "--image_format", "png")
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(tmp_path / "out")) == ["eight.png", "sixteen.png"]
@@ -289,21 +277,21 @@ def test_bad_saved_model_and_folders(tmp_path):
     images.mkdir()
     common = ["--output_folder", str(tmp_path / "out")]
 
-    result = run_script("--saved_model_filepath", str(tmp_path / "missing"), "--image_folder", str(images), *common)
+    result = run_inference("--saved_model_filepath", str(tmp_path / "missing"), "--image_folder", str(images), *common)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"error: {images}: no .tif images" in result.stderr  # the folder is checked first
 
     tifffile.imwrite(str(images / "a.tif"), np.zeros((32, 32), np.uint16))
     (images / "b.png").write_bytes(b"")
-    result = run_script("--saved_model_filepath", str(tmp_path / "missing"), "--image_folder", str(images), *common)
+    result = run_inference("--saved_model_filepath", str(tmp_path / "missing"), "--image_folder", str(images), *common)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"error: {tmp_path / 'missing'}: SavedModel folder does not exist"
 
-    result = run_script("--saved_model_filepath", str(tmp_path / "missing"), "--image_folder", str(images),
+    result = run_inference("--saved_model_filepath", str(tmp_path / "missing"), "--image_folder", str(images),
                         "--image_format", "jpg", *common)
     assert result.returncode != 0 and f"error: {images}: no .jpg images" in result.stderr
 
-    result = run_script("--saved_model_filepath", str(images), "--image_folder", str(images), *common)
+    result = run_inference("--saved_model_filepath", str(images), "--image_folder", str(images), *common)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert last_line(result.stderr).startswith(f"error: {images}: not an FC-DenseNet SavedModel")
     assert not os.path.exists(tmp_path / "out")
@@ -315,7 +303,7 @@ def test_tile_size_checked_against_the_model(gray_model, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     tifffile.imwrite(str(images / "a.tif"), np.zeros((32, 32), np.uint16))
-    result = run_script("--saved_model_filepath", model_path, "--image_folder", str(images),
+    result = run_inference("--saved_model_filepath", model_path, "--image_folder", str(images),
                         "--output_folder", str(tmp_path / "out"), "--tile_size", "256")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert last_line(result.stderr) == "error: --tile_size 256 is too small for the model's radius 96: use at least 288"

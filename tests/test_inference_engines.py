@@ -12,13 +12,11 @@ import sys
 import numpy as np
 import pytest
 import tifffile
-from conftest import export_tiny_model
+from conftest import REPO_ROOT, export_tiny_model, run_inference
 
 import inference_engines
 import inference_fcdensenet as inference
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO_ROOT, "inference_fcdensenet.py")
 MASK_AGREEMENT = 0.9999
 
 
@@ -32,10 +30,6 @@ def copy_model(source, folder):
     target = os.path.join(folder, os.path.basename(source))
     shutil.copytree(source, target, ignore=shutil.ignore_patterns(inference_engines.CACHE_FOLDER))
     return target
-
-
-def run_script(*args, env=None):
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=300, env=env)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,7 +105,7 @@ def test_streamed_tiled_masks_equal_tensorflows(gray_model, mosaic, tmp_path):
     common = ["--saved_model_filepath", path, "--image_folder", str(images), "--tile_size", "512",
               "--streaming_megapixels", "0.5"]
     # the script as a user runs it: no --engine, so auto, which is OpenVINO on a machine without a GPU
-    result = run_script(*common, "--output_folder", str(tmp_path / "auto"))
+    result = run_inference(*common, "--output_folder", str(tmp_path / "auto"))
     assert result.returncode == 0, result.stderr
     assert "; engine openvino" in result.stdout
     inference.main([*common, "--output_folder", str(tmp_path / "tensorflow"), "--engine", "tensorflow"])
@@ -204,7 +198,7 @@ def test_engine_openvino_without_the_package(gray_model, tmp_path):
     images.mkdir()
     tifffile.imwrite(images / "a.tif", np.zeros((64, 64), np.uint16))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "shadow"), REPO_ROOT])}
-    result = run_script("--saved_model_filepath", gray_model[0], "--image_folder", str(images),
+    result = run_inference("--saved_model_filepath", gray_model[0], "--image_folder", str(images),
                         "--output_folder", str(tmp_path / "out"), "--engine", "openvino", env=env)
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]

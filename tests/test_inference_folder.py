@@ -9,23 +9,12 @@ import textwrap
 import numpy as np
 import pytest
 import tifffile
+from conftest import INFERENCE_SCRIPT, REPO_ROOT, last_line, run_inference
 
 import inference_fcdensenet as inference
 import inference_runner
 import pipeline
 import segmentation
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO_ROOT, "inference_fcdensenet.py")
-
-
-def run_script(*args, env=None):
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=300,
-                          env=None if env is None else dict(os.environ, **env))
-
-
-def last_line(text):
-    return text.strip().splitlines()[-1]
 
 
 def small_folder(folder, mosaic, count=7):
@@ -109,11 +98,11 @@ def test_three_parts_write_every_image_once_and_equal_one_run(gray_model, mosaic
     model_path = gray_model[0]
     images = small_folder(str(tmp_path / "images"), mosaic)
     common = ["--saved_model_filepath", model_path, "--image_folder", str(tmp_path / "images"), "--tile_size", "288"]
-    whole = run_script(*common, "--output_folder", str(tmp_path / "one_run"))
+    whole = run_inference(*common, "--output_folder", str(tmp_path / "one_run"))
     assert whole.returncode == 0, whole.stderr
     written = []
     for part in range(3):
-        result = run_script(*common, "--output_folder", str(tmp_path / "parts"),
+        result = run_inference(*common, "--output_folder", str(tmp_path / "parts"),
                             env={"SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_ID": str(10 + part),
                                  "SLURM_ARRAY_TASK_MIN": "10"})
         assert result.returncode == 0, result.stderr
@@ -126,7 +115,7 @@ def test_three_parts_write_every_image_once_and_equal_one_run(gray_model, mosaic
     # a requeued task with --skip_existing 1 leaves what is there and does the rest
     os.remove(tmp_path / "parts" / "small_3.tif")
     before = os.stat(tmp_path / "parts" / "small_0.tif").st_mtime_ns
-    again = run_script(*common, "--output_folder", str(tmp_path / "parts"), "--skip_existing", "1")
+    again = run_inference(*common, "--output_folder", str(tmp_path / "parts"), "--skip_existing", "1")
     assert again.returncode == 0, again.stderr
     assert f"skipping {len(images) - 1} image(s) whose outputs exist" in again.stdout
     assert "small_3.tif: 96x128" in again.stdout and "small_0.tif" not in again.stdout
@@ -134,7 +123,7 @@ def test_three_parts_write_every_image_once_and_equal_one_run(gray_model, mosaic
     assert np.array_equal(tifffile.imread(tmp_path / "parts" / "small_3.tif"),
                           tifffile.imread(tmp_path / "one_run" / "small_3.tif"))
 
-    bad = run_script(*common, "--output_folder", str(tmp_path / "bad"), "--num_parts", "2", "--part_id", "2")
+    bad = run_inference(*common, "--output_folder", str(tmp_path / "bad"), "--num_parts", "2", "--part_id", "2")
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert last_line(bad.stderr) == "error: --part_id 2 must be in [0, 2) (--num_parts 2)"
     assert not os.path.exists(tmp_path / "bad")
@@ -159,7 +148,7 @@ def test_two_devices_give_the_masks_of_one(gray_model, mosaic, tmp_path):
     # TensorFlow on both sides: auto would run the one-device side on OpenVINO
     common = ["--saved_model_filepath", model_path, "--image_folder", str(tmp_path / "images"), "--tile_size", "288",
               "--batch_size", "2", "--engine", "tensorflow"]
-    one = run_script(*common, "--output_folder", str(tmp_path / "one"))
+    one = run_inference(*common, "--output_folder", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
     script = tmp_path / "two_devices.py"
     script.write_text(TWO_DEVICES)
@@ -178,14 +167,14 @@ def test_a_terminal_gets_a_progress_bar_and_a_log_gets_lines(gray_model, mosaic,
         pytest.skip("util-linux 'script' (a pseudo-terminal) is not installed")
     model_path = gray_model[0]
     small_folder(str(tmp_path / "images"), mosaic, count=2)
-    command = [sys.executable, SCRIPT, "--saved_model_filepath", model_path, "--image_folder",
+    command = [sys.executable, INFERENCE_SCRIPT, "--saved_model_filepath", model_path, "--image_folder",
                str(tmp_path / "images"), "--output_folder", str(tmp_path / "masks"), "--tile_size", "288"]
     on_terminal = subprocess.run(["script", "-qec", " ".join(command), "/dev/null"], capture_output=True,
                                  text=True, timeout=300)
     assert on_terminal.returncode == 0, on_terminal.stdout
     assert "3/3" in on_terminal.stdout and "image/s" in on_terminal.stdout  # tqdm's bar with its rate
     assert "small_0.tif: 96x128" not in on_terminal.stdout
-    in_a_log = run_script(*command[2:])
+    in_a_log = run_inference(*command[2:])
     assert "small_0.tif: 96x128, 1 tile(s)" in in_a_log.stdout and "image/s" not in in_a_log.stdout
 
 
@@ -207,7 +196,7 @@ def test_a_full_disk_lists_the_masks_not_written_and_leaves_no_half_written_one(
             handle.write(b"\0" * (stats.f_bavail * stats.f_frsize - 40_000))
         command = ["--saved_model_filepath", model_path, "--image_folder", str(tmp_path / "images"),
                    "--output_folder", str(masks), "--tile_size", "288"]
-        full = run_script(*command)
+        full = run_inference(*command)
         assert full.returncode != 0 and "Traceback" not in full.stderr, full.stderr[-3000:]
         assert "No space left on device" in full.stderr
         failed = [line.strip().split(":")[0] for line in full.stderr.split("failed images:")[1].splitlines()
@@ -219,7 +208,7 @@ def test_a_full_disk_lists_the_masks_not_written_and_leaves_no_half_written_one(
             assert tifffile.imread(masks / name).shape == images[name].shape
 
         os.remove(disk / "filler")  # the same command once space is freed: only the failed images
-        again = run_script(*command, "--skip_existing", "1")
+        again = run_inference(*command, "--skip_existing", "1")
         assert again.returncode == 0, again.stderr[-3000:]
         assert sorted(os.listdir(masks)) == sorted(images)
     finally:

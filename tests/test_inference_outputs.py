@@ -1,31 +1,19 @@
 """What inference keeps besides masks: test-time augmentation, probability maps, QC overlays, pixel sizes."""
 
 import os
-import subprocess
-import sys
 import xml.etree.ElementTree
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
 import tifffile
+from conftest import last_line, run_inference
 
 import image_sources
 import mask_writers
 import pipeline
 import qc_pictures
 import segmentation
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO_ROOT, "inference_fcdensenet.py")
-
-
-def run_script(*args):
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=300)
-
-
-def last_line(text):
-    return text.strip().splitlines()[-1]
 
 
 def ome_physical_size(path):
@@ -165,7 +153,7 @@ def test_probabilities_overlays_and_pixel_sizes_through_the_script(gray_model, m
     # large enough to stream (above 0.5 Mpx) and to be downscaled in its overlay
     tifffile.imwrite(images / "slide.tif", mosaic[:1500, :1100].repeat(2, axis=0), tile=(256, 256),
                      compression="zlib")
-    result = run_script("--saved_model_filepath", model_path, "--image_folder", str(images),
+    result = run_inference("--saved_model_filepath", model_path, "--image_folder", str(images),
                         "--output_folder", str(tmp_path / "masks"), "--save_probabilities", "1",
                         "--overlay_folder", str(tmp_path / "qc"), "--streaming_megapixels", "0.5",
                         "--tile_size", "1024")
@@ -217,14 +205,14 @@ def test_output_flags_refuse_bad_combinations(rgb_model, gray_model, tmp_path):
     tifffile.imwrite(images / "a.tif", np.zeros((32, 32), np.uint16))
     common = ["--saved_model_filepath", model_path, "--image_folder", str(images)]
 
-    result = run_script(*common, "--output_folder", str(tmp_path / "out"), "--overlay_folder",
+    result = run_inference(*common, "--output_folder", str(tmp_path / "out"), "--overlay_folder",
                         str(tmp_path / "out"))
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert last_line(result.stderr) == (f"error: {tmp_path / 'out'}: the overlay folder must differ from the "
                                         f"output and image folders")
-    result = run_script(*common, "--output_folder", str(tmp_path / "out"), "--overlay_folder", str(images))
+    result = run_inference(*common, "--output_folder", str(tmp_path / "out"), "--overlay_folder", str(images))
     assert result.returncode != 0 and "must differ" in last_line(result.stderr)
-    result = run_script(*common, "--output_folder", str(tmp_path / "out"), "--image_format", "png",
+    result = run_inference(*common, "--output_folder", str(tmp_path / "out"), "--image_format", "png",
                         "--save_probabilities", "1")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "--save_probabilities 1 needs tif images" in last_line(result.stderr)
@@ -235,7 +223,7 @@ def test_output_flags_refuse_bad_combinations(rgb_model, gray_model, tmp_path):
     rgb_images.mkdir()
     tifffile.imwrite(rgb_images / "c.tif", np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8),
                      photometric="rgb")
-    result = run_script("--saved_model_filepath", rgb_model[0], "--image_folder", str(rgb_images),
+    result = run_inference("--saved_model_filepath", rgb_model[0], "--image_folder", str(rgb_images),
                         "--output_folder", str(tmp_path / "rgb_out"), "--overlay_folder", str(tmp_path / "qc"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("note: 299 classes but 10 outline colours: the colours repeat") == 1

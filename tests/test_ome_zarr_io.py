@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 import zarr
+from conftest import REPO_ROOT, run_inference
 from ome_zarr.format import FormatV04, FormatV05
 from ome_zarr.writer import write_image
 from ome_zarr.writer import write_labels as ome_zarr_py_write_labels
@@ -28,7 +29,6 @@ import image_files
 import image_sources
 import ome_zarr_io
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORMATS = {"0.4": FormatV04(), "0.5": FormatV05()}
 VALIDATORS = {"0.4": (Image04, ImageLabel04), "0.5": (Image05, ImageLabel05)}
 HEIGHT, WIDTH, CHUNK = 300, 200, 64
@@ -518,11 +518,6 @@ def test_labels_equal_the_mask_inference_writes_for_the_tiff(tmp_path, tiny_mode
 # ---------------------------------------------------------------------------------------------
 # the script, as a user runs it
 
-SCRIPT = os.path.join(REPO_ROOT, "inference_fcdensenet.py")
-
-
-def run_script(*args):
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
@@ -538,7 +533,7 @@ def test_script_writes_labels_into_zarr_images_and_reports_bad_ones(tmp_path, gr
     write_ome_zarr(images / "stack.zarr", np.stack([image[:64, :64]] * 3), "zyx", "0.5", scale_factors=())
     common = ["--saved_model_filepath", model_path, "--image_folder", str(images), "--image_format", "zarr",
               "--tile_size", "288"]
-    result = run_script(*common)
+    result = run_inference(*common)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert "done: 2 image(s) segmented, 2 failed" in result.stdout
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -553,18 +548,18 @@ def test_script_writes_labels_into_zarr_images_and_reports_bad_ones(tmp_path, gr
         VALIDATORS[version][0].from_zarr(zarr.open_group(str(images / name), mode="r"))
         VALIDATORS[version][1].from_zarr(zarr.open_group(str(label), mode="r"))
 
-    again = run_script(*common, "--label_name", "fcdensenet")
+    again = run_inference(*common, "--label_name", "fcdensenet")
     assert f"note: {images / 'a.zarr' / 'labels' / 'fcdensenet'}: replaced the earlier label image" in again.stdout
 
     # a read-only image zarr: refused without --output_folder, written elsewhere with it
     shutil.rmtree(images / "plain.zarr")
     shutil.rmtree(images / "stack.zarr")
     with read_only_view(images, tmp_path / "read_only") as read_only:
-        refused = run_script(*[value if value != str(images) else read_only for value in common],
+        refused = run_inference(*[value if value != str(images) else read_only for value in common],
                              "--label_name", "other")
         assert refused.returncode == 1 and "Traceback" not in refused.stderr
         assert f"error: {os.path.join(read_only, 'a.zarr')}: the image zarr is read-only" in refused.stderr
-        elsewhere = run_script(*[value if value != str(images) else read_only for value in common],
+        elsewhere = run_inference(*[value if value != str(images) else read_only for value in common],
                                "--output_folder", str(tmp_path / "labels"))
         assert elsewhere.returncode == 0, elsewhere.stderr
     assert sorted(os.listdir(tmp_path / "labels")) == ["a.zarr", "b.zarr"]

@@ -14,13 +14,13 @@ import time
 import lmdb
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 
 import atomic_files
 import records
 import saved_model
 from train_fcdensenet import early_stopping_status
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, "train_fcdensenet.py")
 TINY_MODEL = ["--layers_per_block", "1", "--growth_rate", "4"]
 QUIET_TF = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
