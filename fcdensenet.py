@@ -110,8 +110,8 @@ def resolve_architecture(variant=DEFAULT_VARIANT, layers_per_block=None, growth_
 # the model
 
 
-def _dense_layer(x, growth_rate, dropout_rate, name):
-    x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
+def _dense_layer(x, growth_rate, dropout_rate, batch_norm_momentum, name):
+    x = layers.BatchNormalization(momentum=batch_norm_momentum, name=f"{name}_bn")(x)
     x = layers.ReLU(name=f"{name}_relu")(x)
     x = layers.Conv2D(growth_rate, 3, padding="same", use_bias=False, name=f"{name}_conv")(x)
     if dropout_rate > 0:
@@ -119,19 +119,19 @@ def _dense_layer(x, growth_rate, dropout_rate, name):
     return x
 
 
-def _dense_block(x, number_layers, growth_rate, dropout_rate, name):
+def _dense_block(x, number_layers, growth_rate, dropout_rate, batch_norm_momentum, name):
     """Return (the input stacked with every new map, the new maps alone)."""
     new_maps = []
     for index in range(number_layers):
-        new = _dense_layer(x, growth_rate, dropout_rate, f"{name}_layer{index}")
+        new = _dense_layer(x, growth_rate, dropout_rate, batch_norm_momentum, f"{name}_layer{index}")
         new_maps.append(new)
         x = layers.Concatenate(name=f"{name}_stack{index}")([x, new])
     return x, new_maps
 
 
-def _transition_down(x, dropout_rate, regularizer, name):
+def _transition_down(x, dropout_rate, batch_norm_momentum, regularizer, name):
     filters = x.shape[-1]
-    x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
+    x = layers.BatchNormalization(momentum=batch_norm_momentum, name=f"{name}_bn")(x)
     x = layers.ReLU(name=f"{name}_relu")(x)
     x = layers.Conv2D(filters, 1, padding="same", use_bias=False, kernel_regularizer=regularizer,
                       name=f"{name}_conv")(x)
@@ -149,7 +149,7 @@ def _transition_up(new_maps, regularizer, name):
 
 def build_model(variant=DEFAULT_VARIANT, number_channels=1, number_classes=2, dropout_rate=0.2,
                 layers_per_block=None, growth_rate=None, first_filters=FIRST_FILTERS,
-                weight_decay=1e-4):
+                weight_decay=1e-4, batch_norm_momentum=BN_MOMENTUM):
     """Build an FC-DenseNet as a Keras Functional model: (N, H, W, C) float32 -> (N, H, W, classes) softmax.
 
     variant: "FCDenseNet56" (default), "FCDenseNet67", "FCDenseNet103", or None for a custom build;
@@ -157,7 +157,9 @@ def build_model(variant=DEFAULT_VARIANT, number_channels=1, number_classes=2, dr
     growth_rate override the variant's. H and W must be multiples of 32 at call time. The softmax is
     float32 even under a mixed_float16 policy. model.name is the variant (or "FCDenseNet-custom").
     L2 `weight_decay` applies to the first convolution and the transitions (as the reference); the
-    trainer must add `model.losses` to its loss for it to act.
+    trainer must add `model.losses` to its loss for it to act. `batch_norm_momentum` is the
+    BatchNormalization layers' moving-statistics momentum: the model's test-time normalisation is an
+    average over about the last 1 / (1 - momentum) training steps.
     """
     name, blocks, growth_rate, first_filters = resolve_architecture(
         variant, layers_per_block, growth_rate, first_filters)
@@ -165,6 +167,8 @@ def build_model(variant=DEFAULT_VARIANT, number_channels=1, number_classes=2, dr
     number_classes = _check_positive_int("number_classes", number_classes, minimum=2)
     if not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
+    if not 0.0 < batch_norm_momentum < 1.0:
+        raise ValueError(f"batch_norm_momentum must be in (0, 1), got {batch_norm_momentum!r}")
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
     regularizer = keras.regularizers.L2(weight_decay) if weight_decay > 0 else None
@@ -174,15 +178,16 @@ def build_model(variant=DEFAULT_VARIANT, number_channels=1, number_classes=2, dr
                       name="first_conv")(inputs)
     skips = []
     for index in range(NUMBER_POOLS):
-        x, _ = _dense_block(x, blocks[index], growth_rate, dropout_rate, f"down{index}")
+        x, _ = _dense_block(x, blocks[index], growth_rate, dropout_rate, batch_norm_momentum, f"down{index}")
         skips.append(x)
-        x = _transition_down(x, dropout_rate, regularizer, f"down{index}_td")
-    x, new_maps = _dense_block(x, blocks[NUMBER_POOLS], growth_rate, dropout_rate, "bottleneck")
+        x = _transition_down(x, dropout_rate, batch_norm_momentum, regularizer, f"down{index}_td")
+    x, new_maps = _dense_block(x, blocks[NUMBER_POOLS], growth_rate, dropout_rate, batch_norm_momentum,
+                               "bottleneck")
     for index in range(NUMBER_POOLS):
         up = _transition_up(new_maps, regularizer, f"up{index}_tu")
         x = layers.Concatenate(name=f"up{index}_skip")([up, skips[-1 - index]])
         x, new_maps = _dense_block(x, blocks[NUMBER_POOLS + 1 + index], growth_rate, dropout_rate,
-                                   f"up{index}")
+                                   batch_norm_momentum, f"up{index}")
     x = layers.Conv2D(number_classes, 1, padding="same", name=LOGITS_LAYER)(x)
     outputs = layers.Activation("softmax", dtype="float32", name="softmax")(x)
     return keras.Model(inputs, outputs, name=name)

@@ -112,6 +112,10 @@ def parse_args(argv=None):
                         help="override the variant's growth rate; unset: the variant's")
     parser.add_argument("--dropout_rate", type=float, default=0.2,
                         help="dropout rate of the dense layers and transitions down")
+    parser.add_argument("--batch_norm_momentum", type=float, default=fcdensenet.BN_MOMENTUM,
+                        help="momentum of the BatchNormalization moving statistics, which the test passes "
+                             "and the exported model normalise with: an average over about the last "
+                             "1 / (1 - momentum) steps (the reference's 0.9: 10 steps)")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed for weight initialisation, dropout and the readers; unset: random")
     parser.add_argument("--augmentation_config", default=None,
@@ -161,6 +165,8 @@ def check_args(args):
         raise ValueError(f"--max_epochs must be >= 1, got {args.max_epochs}")
     if not 0 <= args.dropout_rate < 1:
         raise ValueError(f"--dropout_rate must be in [0, 1), got {args.dropout_rate}")
+    if not 0 < args.batch_norm_momentum < 1:
+        raise ValueError(f"--batch_norm_momentum must be in (0, 1), got {args.batch_norm_momentum}")
     if args.crop_size < 0 or args.crop_size % SIZE_FACTOR:
         raise ValueError(f"--crop_size must be 0 or a positive multiple of {SIZE_FACTOR}, "
                          f"got {args.crop_size}")
@@ -246,7 +252,8 @@ def distribute(strategy, make_dataset, global_batch_size):
 def build_model(args, number_channels):
     return fcdensenet.build_model(args.model, number_channels=number_channels,
                                   number_classes=args.number_classes, dropout_rate=args.dropout_rate,
-                                  layers_per_block=args.layers_per_block, growth_rate=args.growth_rate)
+                                  layers_per_block=args.layers_per_block, growth_rate=args.growth_rate,
+                                  batch_norm_momentum=args.batch_norm_momentum)
 
 
 def rate_plan(args, warmup_steps):
@@ -730,6 +737,7 @@ def print_setup(args, trainer, workers, augmentation):
           f"global batch: {trainer.global_batch}  readers: {args.reader_count * local} per worker  "
           f"test steps per pass: {trainer.test_steps}")
     print(f"model: {trainer.model.name}  parameters: {trainer.model.count_params():,}  "
+          f"dropout: {args.dropout_rate:g}  batch-norm momentum: {args.batch_norm_momentum:g}  "
           f"mixed precision: {bool(args.mixed_precision)}")
     schedule = (f"at {args.learning_rate:g}" if args.lr_schedule == "constant" else
                 f"from {args.learning_rate:g} ({args.lr_schedule}) to 0 at step {trainer.rate_plan.total_steps}")

@@ -81,6 +81,8 @@ def test_custom_variants_are_named_and_get_a_radius(tiny_model):
     {"first_filters": -1},
     {"dropout_rate": 1.0},
     {"weight_decay": -1e-4},
+    {"batch_norm_momentum": 1.0},
+    {"batch_norm_momentum": 0.0},
 ])
 def test_build_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError):
@@ -114,6 +116,18 @@ def test_weight_decay_on_first_conv_and_transitions_only(tiny_model):
     assert len(tiny_model.losses) == 11
     plain = fcdensenet.build_model(**TINY, weight_decay=0)
     assert not plain.losses
+
+
+@pytest.mark.parametrize("momentum", [None, 0.99])
+def test_batch_norm_momentum_sets_how_fast_the_moving_statistics_follow(batch, momentum):
+    model = fcdensenet.build_model(**TINY, **({} if momentum is None else {"batch_norm_momentum": momentum}))
+    momentum = 0.9 if momentum is None else momentum  # the reference's
+    normalisations = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(normalisations) == 16 and all(layer.momentum == momentum for layer in normalisations)
+    first_features = keras.Model(model.inputs, model.get_layer("first_conv").output)(batch).numpy()
+    model(batch, training=True)  # one training call: moving mean = momentum * 0 + (1 - momentum) * batch mean
+    np.testing.assert_allclose(model.get_layer("down0_layer0_bn").moving_mean.numpy(),
+                               (1 - momentum) * first_features.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.slow

@@ -158,6 +158,8 @@ def args_of(*extra):
     (["--lr_schedule", "poly"], "--lr_schedule poly needs --max_epochs"),
     (["--weight_averaging", "1", "--weight_averaging_decay", "1.0"], "--weight_averaging_decay must be in (0, 1)"),
     (["--weight_averaging", "1", "--weight_averaging_decay", "0"], "--weight_averaging_decay must be in (0, 1)"),
+    (["--batch_norm_momentum", "1"], "--batch_norm_momentum must be in (0, 1), got 1.0"),
+    (["--batch_norm_momentum", "0"], "--batch_norm_momentum must be in (0, 1), got 0.0"),
 ])
 def test_bad_recipe_flags_are_refused_before_anything_starts(extra, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -186,13 +188,16 @@ def test_runs_from_before_the_flags_resume_with_todays_behaviour_and_new_runs_mu
 
     today = run_settings(args_of("--max_epochs", "9"), Augmentation())
     old = {name: value for name, value in today.items()
-           if name not in ("lr_schedule", "decay_epochs", "weight_averaging", "weight_averaging_decay", "loss")}
+           if name not in ("lr_schedule", "decay_epochs", "weight_averaging", "weight_averaging_decay", "loss",
+                           "batch_norm_momentum")}
     write_run(tmp_path / "old", old)
     state, _ = RunFolder(str(tmp_path / "old")).check(today)
     assert state == {"epoch": 2, "finished": None}
     with pytest.raises(ValueError, match="lr_schedule 'constant' -> 'cosine'"):
         RunFolder(str(tmp_path / "old")).check(run_settings(args_of("--max_epochs", "9", "--lr_schedule", "cosine"),
                                                             Augmentation()))
+    with pytest.raises(ValueError, match="batch_norm_momentum 0.9 -> 0.99"):
+        RunFolder(str(tmp_path / "old")).check(run_settings(args_of("--batch_norm_momentum", "0.99"), Augmentation()))
 
     cosine = run_settings(args_of("--max_epochs", "9", "--lr_schedule", "cosine", "--weight_averaging", "1",
                                   "--loss", "dice_cross_entropy"), Augmentation())
@@ -200,7 +205,7 @@ def test_runs_from_before_the_flags_resume_with_todays_behaviour_and_new_runs_mu
     write_run(tmp_path / "new", cosine)
     assert RunFolder(str(tmp_path / "new")).check(cosine)[0] is not None
     for changed in (["--max_epochs", "12"], ["--loss", "cross_entropy"], ["--weight_averaging", "0"],
-                    ["--weight_averaging_decay", "0.99"]):
+                    ["--weight_averaging_decay", "0.99"], ["--batch_norm_momentum", "0.99"]):
         args = args_of("--max_epochs", "9", "--lr_schedule", "cosine", "--weight_averaging", "1",
                        "--loss", "dice_cross_entropy", *changed)
         with pytest.raises(ValueError, match="holds a run with different settings"):
