@@ -69,7 +69,8 @@ def test_cache_key_follows_the_graph_the_variables_and_the_openvino_version(tmp_
 # OpenVINO against TensorFlow
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["FCDenseNet56", "FCDenseNet67", "FCDenseNet103"])
+# FCDenseNet67 is made of the same layers as these two: the smallest and the deepest
+@pytest.mark.parametrize("variant", ["FCDenseNet56", "FCDenseNet103"])
 def test_openvino_masks_equal_tensorflows(variant, tmp_path):
     import keras
 
