@@ -209,8 +209,8 @@ def test_script_segments_a_folder_and_reports_bad_images(gray_model, mosaic, tmp
 
     # 0.3 megapixels: slide.tif and whole.tif (0.35) are streamed, the others read whole
     result = run_inference("--saved_model_filepath", model_path, "--image_folder", str(tmp_path / "images"),
-                        "--output_folder", str(output), "--image_format", ".tif", "--tile_size", "288",
-                        "--streaming_megapixels", "0.3")
+                           "--output_folder", str(output), "--image_format", ".tif", "--tile_size", "288",
+                           "--streaming_megapixels", "0.3")
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert "rgb.tif: image has 3 channel(s), the model expects 1" in result.stderr
@@ -262,7 +262,7 @@ def test_png_images_give_png_masks(gray_model, mosaic, tmp_path):
     iio.imwrite(str(folder / "sixteen.png"), mosaic[:45, :61])
     iio.imwrite(str(folder / "ignored.jpg"), np.zeros((32, 32), np.uint8))
     result = run_inference("--saved_model_filepath", model_path, "--image_folder", str(folder),
-                        "--output_folder", str(tmp_path / "out"), "--image_format", "png")
+                           "--output_folder", str(tmp_path / "out"), "--image_format", "png")
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(tmp_path / "out")) == ["eight.png", "sixteen.png"]
     mask = iio.imread(str(tmp_path / "out" / "sixteen.png"))
@@ -288,7 +288,7 @@ def test_bad_saved_model_and_folders(tmp_path):
     assert result.stderr.strip() == f"error: {tmp_path / 'missing'}: SavedModel folder does not exist"
 
     result = run_inference("--saved_model_filepath", str(tmp_path / "missing"), "--image_folder", str(images),
-                        "--image_format", "jpg", *common)
+                           "--image_format", "jpg", *common)
     assert result.returncode != 0 and f"error: {images}: no .jpg images" in result.stderr
 
     result = run_inference("--saved_model_filepath", str(images), "--image_folder", str(images), *common)
@@ -304,6 +304,6 @@ def test_tile_size_checked_against_the_model(gray_model, tmp_path):
     images.mkdir()
     tifffile.imwrite(str(images / "a.tif"), np.zeros((32, 32), np.uint16))
     result = run_inference("--saved_model_filepath", model_path, "--image_folder", str(images),
-                        "--output_folder", str(tmp_path / "out"), "--tile_size", "256")
+                           "--output_folder", str(tmp_path / "out"), "--tile_size", "256")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert last_line(result.stderr) == "error: --tile_size 256 is too small for the model's radius 96: use at least 288"

@@ -198,9 +198,9 @@ def test_engine_openvino_without_the_package(gray_model, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     tifffile.imwrite(images / "a.tif", np.zeros((64, 64), np.uint16))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "shadow"), REPO_ROOT])}
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "shadow"), REPO_ROOT])}  # added to the environment
     result = run_inference("--saved_model_filepath", gray_model[0], "--image_folder", str(images),
-                        "--output_folder", str(tmp_path / "out"), "--engine", "openvino", env=env)
+                           "--output_folder", str(tmp_path / "out"), "--engine", "openvino", env=env)
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: --engine openvino needs the openvino package (pip install openvino)"), last

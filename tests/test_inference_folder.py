@@ -103,8 +103,8 @@ def test_three_parts_write_every_image_once_and_equal_one_run(gray_model, mosaic
     written = []
     for part in range(3):
         result = run_inference(*common, "--output_folder", str(tmp_path / "parts"),
-                            env={"SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_ID": str(10 + part),
-                                 "SLURM_ARRAY_TASK_MIN": "10"})
+                               env={"SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_ID": str(10 + part),
+                                    "SLURM_ARRAY_TASK_MIN": "10"})
         assert result.returncode == 0, result.stderr
         assert f"part {part} of 3: " in result.stdout
         written += [line.split(":")[0] for line in result.stdout.splitlines() if ".tif: " in line]

@@ -154,9 +154,9 @@ def test_probabilities_overlays_and_pixel_sizes_through_the_script(gray_model, m
     tifffile.imwrite(images / "slide.tif", mosaic[:1500, :1100].repeat(2, axis=0), tile=(256, 256),
                      compression="zlib")
     result = run_inference("--saved_model_filepath", model_path, "--image_folder", str(images),
-                        "--output_folder", str(tmp_path / "masks"), "--save_probabilities", "1",
-                        "--overlay_folder", str(tmp_path / "qc"), "--streaming_megapixels", "0.5",
-                        "--tile_size", "1024")
+                           "--output_folder", str(tmp_path / "masks"), "--save_probabilities", "1",
+                           "--overlay_folder", str(tmp_path / "qc"), "--streaming_megapixels", "0.5",
+                           "--tile_size", "1024")
     assert result.returncode == 0, result.stderr
     masks = tmp_path / "masks"
     assert sorted(os.listdir(masks)) == ["cells.ome.tif", "cells_probabilities.ome.tif", "plain.tif",
@@ -206,14 +206,14 @@ def test_output_flags_refuse_bad_combinations(rgb_model, gray_model, tmp_path):
     common = ["--saved_model_filepath", model_path, "--image_folder", str(images)]
 
     result = run_inference(*common, "--output_folder", str(tmp_path / "out"), "--overlay_folder",
-                        str(tmp_path / "out"))
+                           str(tmp_path / "out"))
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert last_line(result.stderr) == (f"error: {tmp_path / 'out'}: the overlay folder must differ from the "
                                         f"output and image folders")
     result = run_inference(*common, "--output_folder", str(tmp_path / "out"), "--overlay_folder", str(images))
     assert result.returncode != 0 and "must differ" in last_line(result.stderr)
     result = run_inference(*common, "--output_folder", str(tmp_path / "out"), "--image_format", "png",
-                        "--save_probabilities", "1")
+                           "--save_probabilities", "1")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "--save_probabilities 1 needs tif images" in last_line(result.stderr)
     assert not os.path.exists(tmp_path / "out")
@@ -224,7 +224,7 @@ def test_output_flags_refuse_bad_combinations(rgb_model, gray_model, tmp_path):
     tifffile.imwrite(rgb_images / "c.tif", np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8),
                      photometric="rgb")
     result = run_inference("--saved_model_filepath", rgb_model[0], "--image_folder", str(rgb_images),
-                        "--output_folder", str(tmp_path / "rgb_out"), "--overlay_folder", str(tmp_path / "qc"))
+                           "--output_folder", str(tmp_path / "rgb_out"), "--overlay_folder", str(tmp_path / "qc"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("note: 299 classes but 10 outline colours: the colours repeat") == 1
     assert iio.imread(tmp_path / "qc" / "c.png").shape == (64, 64, 3)

@@ -556,11 +556,11 @@ def test_script_writes_labels_into_zarr_images_and_reports_bad_ones(tmp_path, gr
     shutil.rmtree(images / "stack.zarr")
     with read_only_view(images, tmp_path / "read_only") as read_only:
         refused = run_inference(*[value if value != str(images) else read_only for value in common],
-                             "--label_name", "other")
+                                "--label_name", "other")
         assert refused.returncode == 1 and "Traceback" not in refused.stderr
         assert f"error: {os.path.join(read_only, 'a.zarr')}: the image zarr is read-only" in refused.stderr
         elsewhere = run_inference(*[value if value != str(images) else read_only for value in common],
-                               "--output_folder", str(tmp_path / "labels"))
+                                  "--output_folder", str(tmp_path / "labels"))
         assert elsewhere.returncode == 0, elsewhere.stderr
     assert sorted(os.listdir(tmp_path / "labels")) == ["a.zarr", "b.zarr"]
     assert listing(str(images / "a.zarr")) == ["fcdensenet"]  # nothing was added to the image
