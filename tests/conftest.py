@@ -1,6 +1,7 @@
 """Shared by the tests: the repository root on sys.path, tiny exported models, a real image mosaic,
 and running inference_fcdensenet.py as a user would."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -65,3 +66,27 @@ def run_inference(*args, env=None):
 def last_line(text):
     """The script's own last line (TensorFlow prints start-up notices on stderr before it)."""
     return text.strip().splitlines()[-1]
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(folder, size):
+    """A tmpfs of `size` ("4m") mounted on the new folder `folder` for the block: a disk that really
+    fills up (mounting needs root: the test is skipped where it is not permitted)."""
+    os.mkdir(folder)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def fill_disk(folder, leave):
+    """A file that fills the file system of `folder` but for about `leave` bytes; returns its path."""
+    filler = os.path.join(folder, "filler")
+    stats = os.statvfs(folder)
+    with open(filler, "wb") as handle:
+        handle.write(b"\0" * max(0, stats.f_bavail * stats.f_frsize - leave))
+    return filler

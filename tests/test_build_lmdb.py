@@ -15,7 +15,7 @@ import lmdb
 import numpy as np
 import pytest
 import tifffile
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, fill_disk, mounted_tmpfs
 
 import atomic_files
 import build_lmdb
@@ -586,29 +586,19 @@ def test_a_worker_that_dies_is_reported_not_waited_for(tmp_path):
 @pytest.mark.slow
 def test_a_full_disk_keeps_the_previous_databases_and_the_same_command_works_once_freed(tmp_path):
     images, masks, _ = make_dataset(tmp_path / "src", count=6, shape=(256, 256))
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "4m") as disk:
         output = disk / "out"
         command = ["--image_folder", images, "--mask_folder", masks, "--output_folder", str(output),
                    "--seed", "1", "--workers", "2"]
         assert run_build(*command).returncode == 0
         before = {name: read_db(str(output / name)) for name in ("train-HES.lmdb", "test-HES.lmdb")}
-        stats = os.statvfs(disk)
-        with open(disk / "filler", "wb") as handle:  # less room than one database needs
-            handle.write(b"\0" * (stats.f_bavail * stats.f_frsize - 100_000))
+        filler = fill_disk(disk, leave=100_000)  # less room than one database needs
         full = run_build(*command[:-4], "--seed", "2", "--workers", "2")
         assert_one_error_line(full, f"{output}/", "-HES.lmdb: writing the database failed", "the disk is full",
                               "earlier databases are left as they were")
         assert sorted(os.listdir(output)) == sorted(before)  # nothing half-written beside them
         assert {name: read_db(str(output / name)) for name in before} == before
 
-        os.remove(disk / "filler")
+        os.remove(filler)
         assert run_build(*command[:-4], "--seed", "2", "--workers", "2").returncode == 0
         assert {name: read_db(str(output / name)) for name in before} != before
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=True)

@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 import tifffile
-from conftest import INFERENCE_SCRIPT, REPO_ROOT, last_line, run_inference
+from conftest import INFERENCE_SCRIPT, REPO_ROOT, fill_disk, last_line, mounted_tmpfs, run_inference
 
 import inference_fcdensenet as inference
 import inference_runner
@@ -182,18 +182,10 @@ def test_a_terminal_gets_a_progress_bar_and_a_log_gets_lines(gray_model, mosaic,
 def test_a_full_disk_lists_the_masks_not_written_and_leaves_no_half_written_one(gray_model, mosaic, tmp_path):
     model_path, _, _ = gray_model
     images = small_folder(str(tmp_path / "images"), mosaic)
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "1m") as disk:
         masks = disk / "masks"
         masks.mkdir()
-        stats = os.statvfs(disk)
-        with open(disk / "filler", "wb") as handle:  # room for a few 96x128 masks, not for all eight
-            handle.write(b"\0" * (stats.f_bavail * stats.f_frsize - 40_000))
+        filler = fill_disk(disk, leave=40_000)  # room for a few 96x128 masks, not for all eight
         command = ["--saved_model_filepath", model_path, "--image_folder", str(tmp_path / "images"),
                    "--output_folder", str(masks), "--tile_size", "288"]
         full = run_inference(*command)
@@ -207,9 +199,7 @@ def test_a_full_disk_lists_the_masks_not_written_and_leaves_no_half_written_one(
         for name in written:  # each mask there is whole
             assert tifffile.imread(masks / name).shape == images[name].shape
 
-        os.remove(disk / "filler")  # the same command once space is freed: only the failed images
+        os.remove(filler)  # the same command once space is freed: only the failed images
         again = run_inference(*command, "--skip_existing", "1")
         assert again.returncode == 0, again.stderr[-3000:]
         assert sorted(os.listdir(masks)) == sorted(images)
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=True)

@@ -14,7 +14,7 @@ import time
 import lmdb
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, fill_disk, mounted_tmpfs
 
 import atomic_files
 import records
@@ -518,24 +518,9 @@ def test_a_killed_reader_worker_ends_the_run_with_one_line(databases, tmp_path, 
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 16 MB tmpfs (mounting needs root: skipped where it is not permitted)."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], check=True)
-
-
-def fill_disk(folder, leave):
-    """A file that fills the file system of `folder` but for about `leave` bytes."""
-    filler = os.path.join(folder, "filler")
-    stats = os.statvfs(folder)
-    with open(filler, "wb") as handle:
-        handle.write(b"\0" * max(0, stats.f_bavail * stats.f_frsize - leave))
-    return filler
+    """A 16 MB tmpfs."""
+    with mounted_tmpfs(tmp_path / "disk", "16m") as disk:
+        yield disk
 
 
 @pytest.mark.slow
