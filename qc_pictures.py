@@ -4,7 +4,7 @@
     for start, image_band, mask_band in bands:
         overlay.add(start, image_band, mask_band)
     write_png("qc/slide.png", overlay.render())
-    write_training_curves("runs/x/training_curves.png", history)
+    write_training_curves("runs/x/training_curves.png", history, best_epoch)
 
 Outlines: the pixels of a class that touch (4-neighbourhood) a pixel of another class, drawn for every
 class but the background (0) in its own colour of PALETTE; with more classes than colours the colours
@@ -122,17 +122,17 @@ def _save_figure(pyplot, figure, path):
 
 
 def write_training_curves(path, history, best_epoch):
-    """training_curves.png: losses, pixel accuracy, mean IoU and IoU per class against the epoch.
+    """training_curves.png: losses, pixel accuracy, mean IoU, IoU per class and the learning rate
+    against the epoch.
 
     `history` holds the trainer's test-pass entries (epoch, test_loss, pixel_accuracy, mean_iou,
-    iou per class, and train_loss where recorded); the best epoch is marked on every panel.
+    iou per class, and train_loss and learning_rate where recorded: runs from before they were
+    recorded lack them); the best epoch is marked on every panel.
     """
-    pyplot, (figure, axes) = _figure(1, 3, (15, 4.2))
+    pyplot, (figure, axes) = _figure(1, 4, (20, 4.2))
     epochs = [entry["epoch"] for entry in history]
-    loss_axis, score_axis, class_axis = axes[0]
-    train = [(entry["epoch"], entry["train_loss"]) for entry in history if entry.get("train_loss") is not None]
-    if train:
-        loss_axis.plot(*zip(*train), marker="o", label="train loss")
+    loss_axis, score_axis, class_axis, rate_axis = axes[0]
+    _plot_recorded(loss_axis, history, "train_loss", label="train loss")
     loss_axis.plot(epochs, [entry["test_loss"] for entry in history], marker="o", label="test loss")
     loss_axis.set_title("loss")
     score_axis.plot(epochs, [entry["pixel_accuracy"] for entry in history], marker="o", label="pixel accuracy")
@@ -144,9 +144,18 @@ def write_training_curves(path, history, best_epoch):
         class_axis.plot(epochs, [np.nan if value is None else value for value in values], marker="o",
                         color=colour, label=f"class {index}")
     class_axis.set_title("test IoU per class")
+    rate_axis.set_title("learning rate")
+    plotted = [loss_axis, score_axis, class_axis]
+    if _plot_recorded(rate_axis, history, "learning_rate", label="mean of the epoch", color="0.3"):
+        rate_axis.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        plotted.append(rate_axis)
+    else:
+        rate_axis.axis("off")
+        rate_axis.text(0.5, 0.5, "not recorded\n(a run from before it was)", ha="center", va="center",
+                       transform=rate_axis.transAxes, color="0.4")
     from matplotlib.ticker import MaxNLocator
 
-    for axis in (loss_axis, score_axis, class_axis):
+    for axis in plotted:
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         if best_epoch is not None:
             axis.axvline(best_epoch, color="0.6", linestyle="--", label=f"best epoch ({best_epoch})")
@@ -155,6 +164,14 @@ def write_training_curves(path, history, best_epoch):
         axis.legend(fontsize="small")
     figure.tight_layout()
     _save_figure(pyplot, figure, path)
+
+
+def _plot_recorded(axis, history, key, **style):
+    """Plot `key` against the epoch for the entries that recorded it; False if none did."""
+    points = [(entry["epoch"], entry[key]) for entry in history if entry.get(key) is not None]
+    if points:
+        axis.plot(*zip(*points), marker="o", **style)
+    return bool(points)
 
 
 def write_test_predictions(path, examples, title):

@@ -633,8 +633,15 @@ class Trainer:
         entry = {"epoch": self.state["epoch"], "global_step": self.state["global_step"],
                  "test_loss": float(totals[0] / totals[1]), "pixel_accuracy": accuracy, "mean_iou": mean_iou,
                  "train_loss": None if train_loss is None else train_loss / max(1, self.state["step_in_epoch"]),
+                 "learning_rate": self.epoch_rate(),
                  "iou": [None if math.isnan(value) else float(value) for value in iou]}
         return entry, iou
+
+    def epoch_rate(self):
+        """The mean learning rate of the epoch's steps, for training_curves.png."""
+        end = self.state["global_step"]
+        steps = range(end - self.epoch_steps(self.state["epoch"]), end)
+        return float(np.mean([learning_rate_at(step, self.rate_plan) for step in steps]))
 
     def save_best(self, entry):
         weights = self.model.get_weights()  # on every worker: reading may all-reduce

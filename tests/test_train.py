@@ -211,6 +211,27 @@ def replica_steps(tmp_path, loss_name="cross_entropy", averaging=False):
     return tuple(dict(np.load(tmp_path / f"step{replicas}.npz")) for replicas in (1, 2))
 
 
+def test_training_curves_plot_the_rate_and_stay_readable_without_it(tmp_path):
+    import imageio.v3 as iio
+
+    import qc_pictures
+
+    history = [{"epoch": epoch, "test_loss": 0.5 / (epoch + 1), "pixel_accuracy": 0.8, "mean_iou": 0.7,
+                "iou": [0.9, None if epoch == 0 else 0.5], "train_loss": 0.6, "learning_rate": rate}
+               for epoch, rate in enumerate([1e-4, 1e-3, 5e-4])]
+    older = [{key: value for key, value in entry.items() if key not in ("train_loss", "learning_rate")}
+             for entry in history]  # a run from before these were recorded
+    qc_pictures.write_training_curves(tmp_path / "new.png", history, best_epoch=2)
+    qc_pictures.write_training_curves(tmp_path / "old.png", older, best_epoch=2)
+    new, old = iio.imread(tmp_path / "new.png"), iio.imread(tmp_path / "old.png")
+    assert new.shape == old.shape and new.shape[1] >= 1600
+    # the fourth panel: the rate's line (grey 0.3) in the one, a lighter grey note alone in the other
+    fourth = 3 * new.shape[1] // 4
+    line_new, line_old = ((np.abs(picture[:, fourth:, :3].astype(int) - 77) <= 3).all(axis=-1).sum()
+                          for picture in (new, old))
+    assert line_new > 500 and line_old < 50, (line_new, line_old)
+
+
 @pytest.mark.slow
 def test_one_step_is_the_same_on_one_and_two_replicas(tmp_path):
     one, two = replica_steps(tmp_path)
@@ -332,6 +353,8 @@ def test_tiny_run_writes_every_output(databases, tmp_path):
     assert predictions.shape[1] >= 1000 and predictions.std() > 0
     state = json.loads((output / "resume" / "state.json").read_text())
     assert all(entry["train_loss"] > 0 for entry in state["history"])
+    # the mean rate of each epoch, plotted in training_curves.png: the warm-up's, then the constant one
+    assert [entry["learning_rate"] for entry in state["history"]] == pytest.approx([1e-5, 1e-4])
     boards = [name for name in os.listdir(output) if name.startswith("tensorboard-")]
     assert len(boards) == 1
     tags = {}
