@@ -50,6 +50,7 @@ BIOIMAGEIO_PACKAGE = "model.bioimageio.zip"  # --export_bioimageio 1
 CURVES_FILE = "training_curves.png"
 PREDICTIONS_FILE = "test_predictions.png"
 PREDICTION_RECORDS = 16
+PREDICTION_BATCH = 4  # the records of one database share a shape
 # outputs that mark a folder as holding a training run (ours or the reference's)
 RUN_MARKERS = (SETTINGS_FILE, TEST_LOSS_FILE, TEST_METRICS_FILE, BEST_CHECKPOINT_DIR, SAVED_MODEL_DIR,
                RESUME_DIR)
@@ -214,16 +215,21 @@ class RunFolder:
             with writing(self.file(CURVES_FILE), "the training curves"):
                 qc_pictures.write_training_curves(self.file(CURVES_FILE), history, best_epoch)
 
-    def write_test_predictions(self, model, test_database, epoch):
-        """The best model on the first PREDICTION_RECORDS test records, with true and predicted outlines."""
+    def write_test_predictions(self, predict, test_database, epoch):
+        """The best model on the first PREDICTION_RECORDS test records, with true and predicted outlines.
+
+        `predict` maps a float32 NHWC batch to the softmax: a tf.function, since the model called
+        eagerly spends much of its time outside the convolutions."""
         if not self.is_chief:
             return
+        found = first_records(test_database, PREDICTION_RECORDS)
         examples = []
-        for key, record in first_records(test_database, PREDICTION_RECORDS):
-            image = image_files.zscore_normalize(record.image)
-            probabilities = model(image[np.newaxis], training=False)
-            predicted = np.argmax(np.asarray(probabilities)[0], axis=-1)
-            examples.append((key.split(":")[0], record.image, record.mask, predicted))
+        for start in range(0, len(found), PREDICTION_BATCH):
+            batch = found[start:start + PREDICTION_BATCH]
+            images = np.stack([image_files.zscore_normalize(record.image) for _, record in batch])
+            predicted = np.argmax(np.asarray(predict(images)), axis=-1)
+            examples += [(key.split(":")[0], record.image, record.mask, mask)
+                         for (key, record), mask in zip(batch, predicted)]
         if examples:
             with writing(self.file(PREDICTIONS_FILE), "the test predictions"):
                 qc_pictures.write_test_predictions(self.file(PREDICTIONS_FILE), examples,

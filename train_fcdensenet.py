@@ -466,6 +466,9 @@ class Trainer:
 
         if is_chief:  # a plain float32 copy for the checkpoint and the SavedModel, outside the strategy
             self.export_model = build_model(args, channels)
+            self.export_predict = tf.function(
+                lambda images: self.export_model(images, training=False),
+                input_signature=[tf.TensorSpec([None, None, None, channels], tf.float32)])
         if args.mixed_precision:
             keras.mixed_precision.set_global_policy("mixed_float16")
         with strategy.scope():
@@ -651,7 +654,7 @@ class Trainer:
                         test_loss=entry["test_loss"], pixel_accuracy=entry["pixel_accuracy"],
                         mean_iou=entry["mean_iou"])
         self.folder.save_best(self.export_model, weights, metadata)
-        self.folder.write_test_predictions(self.export_model, self.args.test_database, entry["epoch"])
+        self.folder.write_test_predictions(self.export_predict, self.args.test_database, entry["epoch"])
         self.print(f"saved the best model (epoch {entry['epoch']}) to {self.folder.file(SAVED_MODEL_DIR)}")
 
     def save_resume(self):
