@@ -305,12 +305,18 @@ def make_train_step(strategy, model, optimizer, global_batch_size, loss_name="cr
         return tf.stack([loss, correct, pixels, stop])
 
     @tf.function
-    def step(iterator, stop):
-        images, masks = next(iterator)
+    def apply(images, masks, stop):
         per_replica = strategy.run(replica_step, args=(images, masks, stop))
         if average is not None:
             average.update()
         return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    def step(iterator, stop):
+        # the batch is fetched before the compiled step, not inside it: there, a reader's failure at
+        # the fetch still let the counters that do not wait for the data (Adam's iterations, the
+        # average's updates) advance while the weights did not, so the resume point was off by one
+        images, masks = next(iterator)
+        return apply(images, masks, stop)
 
     return step
 
@@ -432,13 +438,25 @@ class Interrupted(Exception):
     """A step returned with a stop vote: save the resume point and exit."""
 
 
-def reader_error_message(error):
-    """The one-line gist of a reader failure surfacing through tf.data (the reader's own message)."""
+RESUME_ON_EVERY_NODE = "the last resume point is kept, run the same command on every node to continue"
+
+
+def op_error_message(error):
+    """The one-line gist of a TensorFlow error: a reader's failure surfacing through tf.data (the
+    reader's own message), or the loss of another worker of a multi-worker run."""
     text = str(error)
     for line in reversed(text.splitlines()):
         if "ReaderError" in line:
             return line.split("ReaderError:", 1)[-1].strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "stopped sending heartbeats" in text:
+        lost = sorted(set(re.findall(r"/job:worker/replica:\d+/task:(\d+)", text)), key=int)
+        who = f"worker {', '.join(lost)}" if lost else "another worker"
+        return f"{who} of this run stopped (its log says why); {RESUME_ON_EVERY_NODE}"
+    if "Collective" in text:  # a worker that left mid-step, or one already in another all-reduce
+        return (f"an all-reduce with the other workers failed: one of them stopped (its log says why); "
+                f"{RESUME_ON_EVERY_NODE}")
+    lines = [line.strip() for line in text.splitlines()
+             if line.strip() and line.strip() != "Graph execution error:"]
     return lines[0] if lines else type(error).__name__
 
 
@@ -776,10 +794,14 @@ def save_and_exit(trainer, stop, note):
 def save_after_reader_failure(trainer):
     """A reader worker died or failed: save the last completed step, raise its error as one line."""
     failure = trainer.reader_failure()
+    if trainer.workers > 1:
+        # saving is collective, and the other workers are already in the next step: it could only
+        # fail, after a wait; they stop when this worker leaves
+        raise ReaderError(f"{failure}; the other workers stop with this one; {RESUME_ON_EVERY_NODE}") from None
     try:
         trainer.save_resume()
     except (OSError, tf.errors.OpError) as error:
-        raise ReaderError(f"{failure}; could not save a resume point ({reader_error_message(error)}), "
+        raise ReaderError(f"{failure}; could not save a resume point ({op_error_message(error)}), "
                           f"the previous one is kept") from None
     state = trainer.state
     advice = ", run the same command to continue" if failure.died else ""
@@ -833,7 +855,7 @@ def train(args, stop):
             if stop.requested:
                 # the signal also reached the reader processes and ended them mid-step: the step was
                 # not applied, so the last completed step is a consistent resume point
-                return save_and_exit(trainer, stop, f" (the readers stopped: {reader_error_message(error)})")
+                return save_and_exit(trainer, stop, f" (the readers stopped: {op_error_message(error)})")
             if trainer.reader_failure() is None:
                 raise
             save_after_reader_failure(trainer)
@@ -869,8 +891,8 @@ def main(argv=None):
         status = train(args, stop)
     except (ValueError, ReaderError) as error:
         sys.exit(f"error: {error}")
-    except tf.errors.OpError as error:  # a reader failure surfacing through tf.data
-        sys.exit(f"error: {reader_error_message(error)}")
+    except tf.errors.OpError as error:  # a reader failure surfacing through tf.data, or a lost worker
+        sys.exit(f"error: {op_error_message(error)}")
     except KeyboardInterrupt:
         sys.exit("aborted by a second Ctrl-C; the last saved resume point is kept")
     sys.exit(status)

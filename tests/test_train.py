@@ -19,7 +19,7 @@ from conftest import REPO_ROOT, fill_disk, mounted_tmpfs
 import atomic_files
 import records
 import saved_model
-from train_fcdensenet import early_stopping_status
+from train_fcdensenet import RESUME_ON_EVERY_NODE, early_stopping_status
 
 SCRIPT = os.path.join(REPO_ROOT, "train_fcdensenet.py")
 TINY_MODEL = ["--layers_per_block", "1", "--growth_rate", "4"]
@@ -416,46 +416,6 @@ def interrupt_after(command, marker, send, timeout=240):
     return process.returncode, "".join(lines)
 
 
-@pytest.mark.slow
-def test_interrupt_and_resume_keep_the_history_continuous(databases, tmp_path):
-    output = tmp_path / "run"
-    command = train_command(databases, output, "--batch_size", "2", "--test_every_n_steps", "4",
-                            "--max_epochs", "3", "--seed", "0", "--log_every_n_steps", "1")
-
-    # Ctrl-C to the trainer alone, in the middle of epoch 1
-    code, out = interrupt_after(command, "epoch 1 step 1/4", lambda p: p.send_signal(signal.SIGINT))
-    assert code == 130, out
-    assert "received SIGINT: saved a resume point at epoch 1 step " in out
-    state = json.loads((output / "resume" / "state.json").read_text())
-    assert state["epoch"] == 1 and len(state["history"]) == 1 and 1 <= state["step_in_epoch"] <= 4
-
-    # as if the next save had been killed between its two renames: the resume point parked aside,
-    # a half-written new one staged
-    ended = subprocess.Popen([sys.executable, "-c", "pass"])
-    ended.wait()
-    os.rename(output / "resume", atomic_files.parked_path(output / "resume", ended.pid))
-    staged = atomic_files.staging_path(output / "resume", ended.pid)
-    os.mkdir(staged)
-    with open(os.path.join(staged, "state.json"), "w") as handle:
-        handle.write('{"epoch": 9, ')
-
-    # SIGTERM to the whole process group, as SLURM preempts: the reader workers die too
-    code, out = interrupt_after(command, "(global ", lambda p: os.killpg(p.pid, signal.SIGTERM))
-    assert code == 143, out
-    assert f"resuming at epoch 1 step {state['step_in_epoch']} " in out
-    assert "saved a resume point" in out
-
-    result, left = run(command)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert not left and "resuming at epoch " in result.stdout
-    assert "finished: max_epochs 3 reached" in result.stdout
-    rows = read_csv_rows(output / "test_metrics.csv")
-    assert [row[:2] for row in rows[1:]] == [["0", "4"], ["1", "8"], ["2", "12"]]  # none lost or repeated
-    assert len((output / "test_loss.csv").read_text().split()) == 3
-    assert len([name for name in os.listdir(output) if name.startswith("tensorboard-")]) == 1
-    assert not [name for name in os.listdir(output) if name.startswith(".")]  # nothing parked or staged
-
-
 # ----------------------------------------------------------------------------------------------
 # a reader worker killed by a signal (the kernel's OOM killer, a crash) ends the run at once
 
@@ -734,6 +694,61 @@ def test_two_workers_end_with_identical_weights_and_only_the_chief_writes(tmp_pa
     assert state == {"written_by": 0}
 
 
+def start_workers(databases, output, count, *extra, folder):
+    """`count` trainer processes of one multi-worker run on this machine (TF_CONFIG), each in its own
+    process group; stdout and stderr of worker i go to folder/worker{i}.out and .err."""
+    workers = [f"127.0.0.1:{port}" for port in free_ports(count)]
+    processes = []
+    for index in range(count):
+        config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        with open(folder / f"worker{index}.out", "w") as out, open(folder / f"worker{index}.err", "w") as err:
+            processes.append(subprocess.Popen(
+                train_command(databases, output, *extra), stdout=out, stderr=err, text=True,
+                env=dict(os.environ, **QUIET_TF, TF_CONFIG=json.dumps(config)), start_new_session=True))
+    return processes
+
+
+def wait_for_line(path, text, process, timeout=120):
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text():
+        assert process.poll() is None and time.monotonic() < deadline, path.read_text()[-3000:]
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_reader_dying_on_one_worker_stops_every_worker_with_one_line(databases, tmp_path):
+    output = tmp_path / "run"
+    processes = start_workers(databases, output, 2, "--batch_size", "2", "--test_every_n_steps", "100",
+                              "--max_epochs", "2", "--seed", "0", "--log_every_n_steps", "1", folder=tmp_path)
+    try:
+        wait_for_line(tmp_path / "worker0.out", "epoch 1 step 3/100", processes[0])
+        os.kill(reader_workers(processes[1].pid)[0], signal.SIGKILL)
+        killed = time.monotonic()
+        codes = [process.wait(timeout=120) for process in processes]
+        elapsed = time.monotonic() - killed
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    errors = [(tmp_path / f"worker{index}.err").read_text() for index in range(2)]
+    assert codes == [1, 1], errors
+    for text in errors:
+        assert "Traceback" not in text, text[-3000:]
+    assert errors[1].strip().splitlines()[-1] == (
+        f"error: {databases['train']}: train reader worker 0 was killed by signal SIGKILL; the other workers "
+        f"stop with this one; {RESUME_ON_EVERY_NODE}")
+    # the chief learns it from its next all-reduce, or from the heartbeats worker 1 no longer sends
+    last = errors[0].strip().splitlines()[-1]
+    assert last in ("error: an all-reduce with the other workers failed: one of them stopped (its log says "
+                    "why); " + RESUME_ON_EVERY_NODE,
+                    "error: worker 1 of this run stopped (its log says why); " + RESUME_ON_EVERY_NODE), last
+    assert elapsed < 60, elapsed  # 4-12 s here
+    for process in processes:
+        assert not group_members(process.pid)  # no reader worker outlives its trainer
+    state = json.loads((output / "resume" / "state.json").read_text())
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 0, 100)  # epoch 0's end
+
+
 # ----------------------------------------------------------------------------------------------
 # the training recipe: decaying rate, weight average, Dice + cross-entropy
 
@@ -767,35 +782,64 @@ def logged_rates(stdout):
 
 
 @pytest.mark.slow
-def test_decaying_rate_and_weight_average_resume_exactly(databases, tmp_path):
+def test_interrupted_twice_the_run_resumes_exactly(databases, tmp_path):
+    """Ctrl-C, then a SLURM-style SIGTERM to the whole process group, then a run to the end: the
+    history has every epoch once, and the decaying rate and the weight average continue as in an
+    uninterrupted run."""
     import tensorflow as tf
 
     recipe = ["--batch_size", "2", "--test_every_n_steps", "4", "--max_epochs", "3", "--seed", "0",
               "--log_every_n_steps", "1", "--learning_rate", "1e-2", *RECIPE]
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    whole, output = tmp_path / "whole", tmp_path / "run"
     result, _ = run(train_command(databases, whole, *recipe))
     assert result.returncode == 0, result.stderr[-3000:]
-    code, first = interrupt_after(train_command(databases, parts, *recipe), "epoch 1 step 2/4",
-                                  lambda p: p.send_signal(signal.SIGTERM))
-    assert code == 143, first
-    resumed_at = json.loads((parts / "resume" / "state.json").read_text())["global_step"]
-    assert 6 <= resumed_at < 12
-    rest, _ = run(train_command(databases, parts, *recipe))
+    command = train_command(databases, output, *recipe)
+
+    # Ctrl-C to the trainer alone, in the middle of epoch 1
+    code, out = interrupt_after(command, "epoch 1 step 1/4", lambda p: p.send_signal(signal.SIGINT))
+    assert code == 130, out
+    assert "received SIGINT: saved a resume point at epoch 1 step " in out
+    state = json.loads((output / "resume" / "state.json").read_text())
+    assert state["epoch"] == 1 and len(state["history"]) == 1 and 1 <= state["step_in_epoch"] <= 4
+
+    # as if the next save had been killed between its two renames: the resume point parked aside,
+    # a half-written new one staged
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    os.rename(output / "resume", atomic_files.parked_path(output / "resume", ended.pid))
+    staged = atomic_files.staging_path(output / "resume", ended.pid)
+    os.mkdir(staged)
+    with open(os.path.join(staged, "state.json"), "w") as handle:
+        handle.write('{"epoch": 9, ')
+
+    # SIGTERM to the whole process group, as SLURM preempts: the reader workers die too
+    code, out = interrupt_after(command, "(global ", lambda p: os.killpg(p.pid, signal.SIGTERM))
+    assert code == 143, out
+    assert f"resuming at epoch 1 step {state['step_in_epoch']} " in out
+    assert "saved a resume point" in out
+    resumed_at = json.loads((output / "resume" / "state.json").read_text())["global_step"]
+
+    rest, left = run(command)
     assert rest.returncode == 0, rest.stderr[-3000:]
-    assert f"(global step {resumed_at}, " in rest.stdout, rest.stdout
-    assert "finished: max_epochs 3 reached" in rest.stdout, rest.stdout
+    assert not left and f"(global step {resumed_at}, " in rest.stdout, rest.stdout
+    assert "finished: max_epochs 3 reached" in rest.stdout
+    rows = read_csv_rows(output / "test_metrics.csv")
+    assert [row[:2] for row in rows[1:]] == [["0", "4"], ["1", "8"], ["2", "12"]]  # none lost or repeated
+    assert len((output / "test_loss.csv").read_text().split()) == 3
+    assert len([name for name in os.listdir(output) if name.startswith("tensorboard-")]) == 1
+    assert not [name for name in os.listdir(output) if name.startswith(".")]  # nothing parked or staged
 
     # the rate of every step, the resumed ones included, is the uninterrupted run's
     expected = learning_rates(whole)
     assert sorted(expected) == list(range(1, 13))
-    assert learning_rates(parts) == expected
+    assert learning_rates(output) == expected
     text = logged_rates(result.stdout)
     assert logged_rates(rest.stdout) == {step: text[step] for step in range(resumed_at + 1, 13)}
     assert expected[4] == pytest.approx(1e-3) and expected[5] == pytest.approx(1e-2)  # warm-up, then decay
     assert expected[9] == pytest.approx(5e-3) and 0 < expected[12] < expected[11] < expected[5]
 
-    # the average kept counting through the resume: one update per step of the whole run
-    reader = tf.train.load_checkpoint(str(parts / "resume" / "ckpt"))
+    # the average kept counting through the resumes: one update per step of the whole run
+    reader = tf.train.load_checkpoint(str(output / "resume" / "ckpt"))
     updates = [key for key in reader.get_variable_to_shape_map() if key.startswith("weight_average/updates")]
     assert len(updates) == 1 and reader.get_tensor(updates[0]) == 12
 
