@@ -8,7 +8,8 @@
 
 One process drives every visible GPU through MirroredStrategy (all logical CPUs when there is no GPU);
 with TF_CONFIG set, or under SLURM with more than one task, MultiWorkerMirroredStrategy spans nodes.
-The first epoch is a warm-up of min(1000, test_every_n_steps) steps at learning_rate / 10; every later
+The first epoch is a warm-up of min(1000, test_every_n_steps) steps at learning_rate / 10 (or rising
+from it to learning_rate, with --warmup linear); every later
 epoch is test_every_n_steps steps at learning_rate (or on a schedule decaying to zero at max_epochs),
 followed by a pass over the whole test set (of the weight average, with --weight_averaging 1).
 
@@ -63,6 +64,7 @@ if __name__ != "__mp_main__":
         DEFAULT_AVERAGE_DECAY,
         LOSSES,
         LR_SCHEDULES,
+        WARMUPS,
         RatePlan,
         WeightAverage,
         learning_rate_at,
@@ -138,6 +140,9 @@ def parse_args(argv=None):
                         help="learning rate after the warm-up: constant (the reference's), or decaying to "
                              "zero at the end of --max_epochs (required) by a half cosine or nnU-Net's "
                              "poly (1 - t)^0.9")
+    parser.add_argument("--warmup", default="constant", choices=WARMUPS,
+                        help="the warm-up epoch: at learning_rate / 10 (constant, the reference's), or rising "
+                             "from it in a straight line to learning_rate (linear)")
     parser.add_argument("--weight_averaging", type=int, default=0, choices=(0, 1),
                         help="1: keep an exponential moving average of the weights; the test passes score "
                              "it and the best model exported is it")
@@ -263,7 +268,8 @@ def rate_plan(args, warmup_steps):
     if args.max_epochs is not None:
         total_steps = warmup_steps + (args.max_epochs - 1) * args.test_every_n_steps
     return RatePlan(warmup_steps=warmup_steps, warmup_rate=args.learning_rate / WARMUP_LR_DIVISOR,
-                    rate=args.learning_rate, schedule=args.lr_schedule, total_steps=total_steps)
+                    rate=args.learning_rate, schedule=args.lr_schedule, total_steps=total_steps,
+                    warmup=args.warmup)
 
 
 def build_optimizer(strategy, model, learning_rate, mixed_precision=False):
@@ -769,7 +775,9 @@ def print_setup(args, trainer, workers, augmentation):
           f"mixed precision: {bool(args.mixed_precision)}")
     schedule = (f"at {args.learning_rate:g}" if args.lr_schedule == "constant" else
                 f"from {args.learning_rate:g} ({args.lr_schedule}) to 0 at step {trainer.rate_plan.total_steps}")
-    print(f"epochs: warm-up {trainer.warmup_steps} steps at {args.learning_rate / WARMUP_LR_DIVISOR:g}, "
+    start = args.learning_rate / WARMUP_LR_DIVISOR
+    warmup = (f"rising from {start:g} to {args.learning_rate:g}" if args.warmup == "linear" else f"at {start:g}")
+    print(f"epochs: warm-up {trainer.warmup_steps} steps {warmup}, "
           f"then {args.test_every_n_steps} steps {schedule}; early stopping "
           f"{args.early_stopping}; max epochs {args.max_epochs or 'no limit'}")
     average = (f"weight average (decay {args.weight_averaging_decay:g}) tested and exported"

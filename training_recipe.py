@@ -18,6 +18,7 @@ import keras
 import tensorflow as tf
 
 LR_SCHEDULES = ("constant", "cosine", "poly")
+WARMUPS = ("constant", "linear")
 LOSSES = ("cross_entropy", "dice_cross_entropy")
 POLY_EXPONENT = 0.9  # nnU-Net's
 DICE_SMOOTH = 1e-5  # nnU-Net's: an example without foreground adds ~nothing to the Dice gradient
@@ -26,23 +27,29 @@ DEFAULT_AVERAGE_DECAY = 0.999
 
 @dataclass(frozen=True)
 class RatePlan:
-    """What the rate of a step depends on: the warm-up (steps, rate), the rate after it, the
-    schedule, and the steps of the run (warm-up included; needed by the decaying schedules)."""
+    """What the rate of a step depends on: the warm-up (steps, starting rate, shape), the rate after
+    it, the schedule, and the steps of the run (warm-up included; needed by the decaying schedules)."""
     warmup_steps: int
     warmup_rate: float
     rate: float
     schedule: str = "constant"
     total_steps: int | None = None
+    warmup: str = "constant"
 
 
 def learning_rate_at(step, plan):
     """The learning rate of global step `step` (0 is the first step of the run).
 
-    The warm-up runs at its own constant rate; after it, "constant" keeps plan.rate and the decaying
-    schedules go from plan.rate at the first step after the warm-up to zero at plan.total_steps
+    The warm-up runs at its own rate ("constant", the reference's) or rises from it in a straight line
+    towards plan.rate, which the first step after it reaches ("linear"). After it, "constant" keeps
+    plan.rate and the decaying schedules go from plan.rate at the first step after the warm-up to zero at plan.total_steps
     (the step after the last): cosine 0.5 (1 + cos(pi t)), poly (1 - t) ** 0.9, t the fraction done.
     """
     if step < plan.warmup_steps:
+        if plan.warmup == "linear":
+            return plan.warmup_rate + (plan.rate - plan.warmup_rate) * step / plan.warmup_steps
+        if plan.warmup != "constant":
+            raise ValueError(f"unknown warm-up {plan.warmup!r}; choose from {', '.join(WARMUPS)}")
         return plan.warmup_rate
     if plan.schedule == "constant":
         return plan.rate

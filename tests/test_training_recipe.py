@@ -40,6 +40,24 @@ def test_decaying_schedules_start_at_the_rate_and_reach_zero_at_the_last_epoch_e
         assert rates[35] == pytest.approx(1e-3 * 0.75 ** 0.9)
 
 
+def test_linear_warm_up_rises_from_the_warm_up_rate_to_the_rate_and_leaves_the_rest():
+    linear = R.RatePlan(**PLAN, schedule="poly", warmup="linear")
+    rates = [R.learning_rate_at(step, linear) for step in range(120)]
+    assert rates[:10] == pytest.approx([1e-4 + 9e-5 * step for step in range(10)])  # 1e-4 .. 9.1e-4
+    assert rates[10] == pytest.approx(1e-3)  # where the ramp would arrive: no jump
+    constant = R.RatePlan(**PLAN, schedule="poly")
+    assert rates[10:] == [R.learning_rate_at(step, constant) for step in range(10, 120)]
+    args = parse_args(["--train_database", "t", "--test_database", "s", "--output_dir", "o",
+                       "--warmup", "linear", "--learning_rate", "2e-3"])
+    from train_fcdensenet import rate_plan
+
+    plan = rate_plan(args, warmup_steps=50)
+    assert (plan.warmup, plan.warmup_rate) == ("linear", pytest.approx(2e-4))
+    assert R.learning_rate_at(25, plan) == pytest.approx(1.1e-3)
+    with pytest.raises(ValueError, match="unknown warm-up 'cubic'"):
+        R.learning_rate_at(0, R.RatePlan(**PLAN, warmup="cubic"))
+
+
 def test_decaying_schedule_spans_the_epochs_max_epochs_counts_the_warm_up_in():
     args = parse_args(["--train_database", "t", "--test_database", "s", "--output_dir", "o",
                        "--lr_schedule", "cosine", "--max_epochs", "9", "--test_every_n_steps", "50"])
@@ -189,7 +207,7 @@ def test_runs_from_before_the_flags_resume_with_todays_behaviour_and_new_runs_mu
     today = run_settings(args_of("--max_epochs", "9"), Augmentation())
     old = {name: value for name, value in today.items()
            if name not in ("lr_schedule", "decay_epochs", "weight_averaging", "weight_averaging_decay", "loss",
-                           "batch_norm_momentum")}
+                           "batch_norm_momentum", "warmup")}
     write_run(tmp_path / "old", old)
     state, _ = RunFolder(str(tmp_path / "old")).check(today)
     assert state == {"epoch": 2, "finished": None}
@@ -198,6 +216,8 @@ def test_runs_from_before_the_flags_resume_with_todays_behaviour_and_new_runs_mu
                                                             Augmentation()))
     with pytest.raises(ValueError, match="batch_norm_momentum 0.9 -> 0.99"):
         RunFolder(str(tmp_path / "old")).check(run_settings(args_of("--batch_norm_momentum", "0.99"), Augmentation()))
+    with pytest.raises(ValueError, match="warmup 'constant' -> 'linear'"):
+        RunFolder(str(tmp_path / "old")).check(run_settings(args_of("--warmup", "linear"), Augmentation()))
 
     cosine = run_settings(args_of("--max_epochs", "9", "--lr_schedule", "cosine", "--weight_averaging", "1",
                                   "--loss", "dice_cross_entropy"), Augmentation())
@@ -205,7 +225,8 @@ def test_runs_from_before_the_flags_resume_with_todays_behaviour_and_new_runs_mu
     write_run(tmp_path / "new", cosine)
     assert RunFolder(str(tmp_path / "new")).check(cosine)[0] is not None
     for changed in (["--max_epochs", "12"], ["--loss", "cross_entropy"], ["--weight_averaging", "0"],
-                    ["--weight_averaging_decay", "0.99"], ["--batch_norm_momentum", "0.99"]):
+                    ["--weight_averaging_decay", "0.99"], ["--batch_norm_momentum", "0.99"],
+                    ["--warmup", "linear"]):
         args = args_of("--max_epochs", "9", "--lr_schedule", "cosine", "--weight_averaging", "1",
                        "--loss", "dice_cross_entropy", *changed)
         with pytest.raises(ValueError, match="holds a run with different settings"):
