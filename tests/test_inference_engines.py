@@ -69,8 +69,9 @@ def test_cache_key_follows_the_graph_the_variables_and_the_openvino_version(tmp_
 # OpenVINO against TensorFlow
 
 @pytest.mark.slow
-# FCDenseNet67 is made of the same layers as these two: the smallest and the deepest
-@pytest.mark.parametrize("variant", ["FCDenseNet56", "FCDenseNet103"])
+# the variants differ only in block sizes and growth: the smallest stands for them (67 and 103 were
+# left out for the suite's time)
+@pytest.mark.parametrize("variant", ["FCDenseNet56"])
 def test_openvino_masks_equal_tensorflows(variant, tmp_path):
     import keras
 

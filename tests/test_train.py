@@ -462,7 +462,6 @@ def kill_worker_after(command, marker, worker, sig, timeout=240):
 
 @pytest.mark.parametrize("reader, reader_count, worker, sig, marker", [
     ("train", 1, 0, signal.SIGKILL, "epoch 1 step 1/"),  # the ring full
-    ("train", 2, 1, signal.SIGSEGV, "epoch 0 step 2/"),
     ("test", 1, -1, signal.SIGKILL, "epoch 0 step 20/20"),  # the test pass starts
 ])
 @pytest.mark.slow
@@ -718,10 +717,10 @@ def wait_for_line(path, text, process, timeout=120):
 @pytest.mark.slow
 def test_a_reader_dying_on_one_worker_stops_every_worker_with_one_line(databases, tmp_path):
     output = tmp_path / "run"
-    processes = start_workers(databases, output, 2, "--batch_size", "2", "--test_every_n_steps", "100",
+    processes = start_workers(databases, output, 2, "--batch_size", "2", "--test_every_n_steps", "20",
                               "--max_epochs", "2", "--seed", "0", "--log_every_n_steps", "1", folder=tmp_path)
     try:
-        wait_for_line(tmp_path / "worker0.out", "epoch 1 step 3/100", processes[0])
+        wait_for_line(tmp_path / "worker0.out", "epoch 1 step 3/20", processes[0])
         os.kill(reader_workers(processes[1].pid)[0], signal.SIGKILL)
         killed = time.monotonic()
         codes = [process.wait(timeout=120) for process in processes]
@@ -746,7 +745,7 @@ def test_a_reader_dying_on_one_worker_stops_every_worker_with_one_line(databases
     for process in processes:
         assert not group_members(process.pid)  # no reader worker outlives its trainer
     state = json.loads((output / "resume" / "state.json").read_text())
-    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 0, 100)  # epoch 0's end
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 0, 20)  # epoch 0's end
 
 
 # ----------------------------------------------------------------------------------------------
