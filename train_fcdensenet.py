@@ -800,7 +800,8 @@ def save_and_exit(trainer, stop, note):
 
 
 def save_after_reader_failure(trainer):
-    """A reader worker died or failed: save the last completed step, raise its error as one line."""
+    """A reader worker died or failed: save the last completed step (alone: with other workers the
+    save would be collective, so the last resume point stands), raise its error as one line."""
     failure = trainer.reader_failure()
     if trainer.workers > 1:
         # saving is collective, and the other workers are already in the next step: it could only
