@@ -184,12 +184,16 @@ def test_bad_recipe_flags_are_refused_before_anything_starts(extra, message):
         check_args(args_of(*extra))  # before the databases are even looked at
 
 
-def test_unknown_loss_is_one_line(capsys):
+@pytest.mark.parametrize("flag, value, choices", [
+    ("--loss", "dice", "'cross_entropy', 'dice_cross_entropy'"),
+    ("--warmup", "cubic", "'constant', 'linear'"),
+])
+def test_unknown_recipe_choice_is_one_line(capsys, flag, value, choices):
     with pytest.raises(SystemExit) as stopped:
-        args_of("--loss", "dice")
+        args_of(flag, value)
     assert stopped.value.code == 2
     assert capsys.readouterr().err.splitlines() == [
-        "error: argument --loss: invalid choice: 'dice' (choose from 'cross_entropy', 'dice_cross_entropy')"]
+        f"error: argument {flag}: invalid choice: '{value}' (choose from {choices})"]
 
 
 def write_run(folder, settings):
