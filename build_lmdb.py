@@ -32,9 +32,16 @@ import time
 import lmdb
 import numpy as np
 
-import atomic_files
-from image_files import ImageFileError, as_mask, as_supported_image, list_images, normalize_extension, read_image
-from records import FILENAMES_CSV, SIZE_FACTOR, make_record
+from fcdn.common import atomic_files
+from fcdn.data.image_files import (
+    ImageFileError,
+    as_mask,
+    as_supported_image,
+    list_images,
+    normalize_extension,
+    read_image,
+)
+from fcdn.data.records import FILENAMES_CSV, SIZE_FACTOR, make_record
 
 # FCDenseNet56's receptive-field radius: the reference strides tiles by tile_size - RADIUS
 RADIUS = 384

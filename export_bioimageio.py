@@ -38,10 +38,9 @@ import zipfile
 
 import numpy as np
 
-import atomic_files
-import image_files
-import qc_pictures
-import saved_model
+from fcdn.common import atomic_files, qc_pictures
+from fcdn.data import image_files
+from fcdn.model import saved_model
 
 OUTPUT_ID = "probabilities"
 INPUT_ID = "input"
@@ -163,7 +162,7 @@ def first_test_record_image(metadata, saved_model_path):
         raise ExportError(f"{database}: the training run's test database is gone; give --test_image")
     import lmdb
 
-    import records
+    from fcdn.data import records
 
     environment = lmdb.open(database, readonly=True, lock=False, readahead=False, subdir=True)
     try:

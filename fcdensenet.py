@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from records import SIZE_FACTOR
+from fcdn.data.records import SIZE_FACTOR
 
 VARIANTS = {
     "FCDenseNet56": {"layers_per_block": (4, 4, 4, 4, 4, 4), "growth_rate": 12},

@@ -53,9 +53,7 @@ import lmdb
 import numpy as np
 
 import augment
-import image_files
-import reader_worker
-import records
+from fcdn.data import image_files, reader_worker, records
 
 STARVATION_LOW = 0.1
 STARVATION_HIGH = 0.5

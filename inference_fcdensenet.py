@@ -38,15 +38,11 @@ import time
 
 import numpy as np
 
-import image_files
-import inference_engines
-import inference_runner
-import mask_writers
-import ome_zarr_io
-import qc_pictures
-import segmentation
-import segmentation_metrics
-import tiling
+from fcdn.common import qc_pictures, segmentation_metrics
+from fcdn.data import image_files, ome_zarr_io
+from fcdn.inference import engines as inference_engines
+from fcdn.inference import mask_writers, segmentation, tiling
+from fcdn.inference import runner as inference_runner
 
 
 def parse_args(argv=None):
@@ -111,8 +107,8 @@ def load_model(path, engine="auto"):
     TensorFlow copy of the model on every visible device."""
     if not os.path.isdir(path):
         raise ValueError(f"{path}: SavedModel folder does not exist")
-    import devices
-    import saved_model
+    from fcdn.common import devices
+    from fcdn.model import saved_model
 
     names = devices.inference_devices()
     if engine == "openvino" or (engine == "auto" and len(names) == 1):

@@ -40,9 +40,9 @@ import time
 import numpy as np
 
 from augment import AugmentationConfig
+from fcdn.common.segmentation_metrics import segmentation_metrics
+from fcdn.data.records import SIZE_FACTOR
 from imagereader import ImageReader, ReaderError
-from records import SIZE_FACTOR
-from segmentation_metrics import segmentation_metrics
 
 if __name__ != "__mp_main__":
     # The reader starts its workers with 'spawn', which re-imports this script (as __mp_main__) in
@@ -52,15 +52,7 @@ if __name__ != "__mp_main__":
     from tensorflow.core.framework import summary_pb2
 
     import fcdensenet
-    from run_folder import (
-        BIOIMAGEIO_PACKAGE,
-        CKPT_PREFIX,
-        SAVED_MODEL_DIR,
-        RunFolder,
-        run_settings,
-        write_failure_reason,
-    )
-    from training_recipe import (
+    from fcdn.training.recipe import (
         DEFAULT_AVERAGE_DECAY,
         LOSSES,
         LR_SCHEDULES,
@@ -69,6 +61,14 @@ if __name__ != "__mp_main__":
         WeightAverage,
         learning_rate_at,
         per_example_loss,
+    )
+    from fcdn.training.run_folder import (
+        BIOIMAGEIO_PACKAGE,
+        CKPT_PREFIX,
+        SAVED_MODEL_DIR,
+        RunFolder,
+        run_settings,
+        write_failure_reason,
     )
 
 CONVERGENCE_TOLERANCE = 1e-4  # the reference's: test losses this close count as equal

@@ -21,7 +21,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 import build_lmdb  # noqa: E402
-from image_files import list_images  # noqa: E402
+from fcdn.data.image_files import list_images  # noqa: E402
 
 TARGET = 1.5
 

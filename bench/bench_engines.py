@@ -19,7 +19,7 @@ import numpy as np
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-import inference_engines  # noqa: E402
+from fcdn.inference import engines as inference_engines  # noqa: E402
 
 SIZE = 1024
 
@@ -28,7 +28,7 @@ def export_fcdensenet56(path):
     import keras
 
     import fcdensenet
-    import saved_model
+    from fcdn.model import saved_model
 
     keras.utils.set_random_seed(11)
     model = fcdensenet.build_model("FCDenseNet56", number_channels=1, number_classes=2)

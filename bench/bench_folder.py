@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_inference  # noqa: E402
 
-import image_files  # noqa: E402
+from fcdn.data import image_files  # noqa: E402
 
 COPIES = 2  # 100 example images, each twice: 200 files
 
@@ -56,8 +56,8 @@ def script_args(images, output, batch_size):
 
 
 def this_project(predict, metadata, images, names, output, batch_size, device_count):
-    import inference_runner
-    import tiling
+    from fcdn.inference import runner as inference_runner
+    from fcdn.inference import tiling
 
     args = script_args(images, output, batch_size)
     args.tile_size = tiling.check_tile_size(0, metadata["radius"], metadata["size_factor"])
@@ -92,7 +92,7 @@ def main():
 
     import fcdensenet
     import inference_fcdensenet
-    import saved_model
+    from fcdn.model import saved_model
 
     with tempfile.TemporaryDirectory(prefix="bench_folder_") as workdir:
         images = os.path.join(workdir, "images")

@@ -34,9 +34,11 @@ import numpy as np
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-import image_files  # noqa: E402
-import segmentation  # noqa: E402
-import tiling  # noqa: E402
+from fcdn.data import image_files  # noqa: E402
+from fcdn.inference import (
+    segmentation,  # noqa: E402
+    tiling,  # noqa: E402
+)
 
 REFERENCE_TILE = 832
 SPEED_SIZE = 4096
@@ -60,7 +62,7 @@ def export(path, seed, **architecture):
     import keras
 
     import fcdensenet
-    import saved_model
+    from fcdn.model import saved_model
 
     keras.utils.set_random_seed(seed)
     model = fcdensenet.build_model(variant=None, number_channels=1, number_classes=2, **architecture)
@@ -104,7 +106,7 @@ def reference_radius(model):
     import tensorflow as tf
 
     import fcdensenet
-    import receptive_field
+    from fcdn.model import receptive_field
 
     width = 2 * receptive_field.theoretical_radius(model) + 2 * fcdensenet.SIZE_FACTOR
     height = 2 * fcdensenet.SIZE_FACTOR
@@ -158,8 +160,8 @@ def this_implementation(image, metadata, predict):
 
 
 def measure_speed(workdir):
-    import inference_engines
-    import saved_model
+    from fcdn.inference import engines as inference_engines
+    from fcdn.model import saved_model
 
     model_path = os.path.join(workdir, "small")
     model = export(model_path, seed=4, layers_per_block=2, growth_rate=4)

@@ -32,8 +32,10 @@ import scipy.ndimage
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import augment  # noqa: E402
 import imagereader  # noqa: E402
-import reader_worker  # noqa: E402
-import records  # noqa: E402
+from fcdn.data import (
+    reader_worker,  # noqa: E402
+    records,  # noqa: E402
+)
 
 
 def parse_args():

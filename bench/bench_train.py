@@ -24,13 +24,13 @@ import lmdb
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import records  # noqa: E402
+from fcdn.data import records  # noqa: E402
 
 if __name__ != "__mp_main__":  # reader workers (spawn) re-import this script: keep TensorFlow out
     import tensorflow as tf  # noqa: E402
 
     import train_fcdensenet as T  # noqa: E402
-    from run_folder import RunFolder  # noqa: E402
+    from fcdn.training.run_folder import RunFolder  # noqa: E402
 
 STARVATION = "Input Queue Starvation !!!!"
 

@@ -43,9 +43,9 @@ def inference_figures(workdir, variant):
 
     import fcdensenet
     import inference_fcdensenet
-    import inference_runner
-    import saved_model
-    import tiling
+    from fcdn.inference import runner as inference_runner
+    from fcdn.inference import tiling
+    from fcdn.model import saved_model
 
     keras.utils.set_random_seed(0)
     path = os.path.join(workdir, variant)
@@ -78,7 +78,7 @@ def inference_figures(workdir, variant):
 def training_figures(workdir):
     import lmdb
 
-    import records
+    from fcdn.data import records
 
     database = os.path.join(workdir, "train-512.lmdb")
     image = bench_inference.mosaic(2048)

@@ -22,7 +22,7 @@ def export_tiny_model(path, number_channels, number_classes, seed):
     import keras
 
     import fcdensenet
-    import saved_model
+    from fcdn.model import saved_model
 
     keras.utils.set_random_seed(seed)
     model = fcdensenet.build_model(number_channels=number_channels, number_classes=number_classes, **TINY)

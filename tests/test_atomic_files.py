@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-import atomic_files
+from fcdn.common import atomic_files
 
 
 def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):

@@ -17,9 +17,9 @@ import pytest
 import tifffile
 from conftest import REPO_ROOT, fill_disk, mounted_tmpfs
 
-import atomic_files
 import build_lmdb
-from records import FILENAMES_CSV, decode_record, key_classes
+from fcdn.common import atomic_files
+from fcdn.data.records import FILENAMES_CSV, decode_record, key_classes
 
 SCRIPT = os.path.join(REPO_ROOT, "build_lmdb.py")
 DATA = os.path.join(REPO_ROOT, "data")

@@ -24,9 +24,9 @@ pytest.importorskip("onnxruntime")
 from conftest import REPO_ROOT
 
 import export_bioimageio as exporter  # noqa: E402
-import qc_pictures  # noqa: E402
-import records  # noqa: E402
-import saved_model as saved_model_api  # noqa: E402
+from fcdn.common import qc_pictures  # noqa: E402
+from fcdn.data import records  # noqa: E402
+from fcdn.model import saved_model as saved_model_api  # noqa: E402
 
 SCRIPT = os.path.join(REPO_ROOT, "export_bioimageio.py")
 DATA_IMAGES = os.path.join(REPO_ROOT, "data", "images")
@@ -52,7 +52,7 @@ def export_tiny_model(path, number_channels=1, number_classes=2, seed=1, extra_m
 def segment_array(image, predict, metadata):
     """inference_fcdensenet.py's mask of an in-memory image, in one tile."""
     try:
-        from segmentation import segment_array as segment  # where the refactor on main moves it
+        from fcdn.inference.segmentation import segment_array as segment  # where the refactor on main moves it
     except ModuleNotFoundError:
         from inference_fcdensenet import segment_array as segment
     return segment(image, predict, metadata, tile_size=2048)
@@ -133,7 +133,7 @@ def core_probabilities(description, weight_format, image, **predict_flags):
 @pytest.mark.parametrize("weight_format", WEIGHT_FORMATS)
 def test_package_gives_the_inference_mask_on_one_tile(saved_model, description, weight_format, tmp_path,
                                                       monkeypatch):
-    import image_files
+    from fcdn.data import image_files
 
     monkeypatch.chdir(tmp_path)
     image = real_image()
@@ -242,7 +242,7 @@ def test_fit_to_valid_size_crops_or_pads_to_minimum_plus_steps():
 
 
 def test_tool_normalisation_equals_ours_where_std_exceeds_one():
-    import image_files
+    from fcdn.data import image_files
 
     image = real_image()
     np.testing.assert_allclose(exporter.tool_normalize(image), image_files.zscore_normalize(image),

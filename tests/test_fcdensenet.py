@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import fcdensenet
-import receptive_field
-from records import SIZE_FACTOR
+from fcdn.data.records import SIZE_FACTOR
+from fcdn.model import receptive_field
 
 # (3 channels, 11 classes) as in the paper's CamVid setting
 PAPER = {

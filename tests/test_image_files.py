@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import tifffile
 
-import image_files
+from fcdn.data import image_files
 
 
 def test_zscore_divides_only_where_std_exceeds_one():

@@ -13,8 +13,7 @@ import pytest
 import tensorflow as tf
 from conftest import REPO_ROOT
 
-import image_files
-import records
+from fcdn.data import image_files, records
 from imagereader import ImageReader, ReaderError
 
 pytestmark = pytest.mark.slow  # real models / worker processes / scripts

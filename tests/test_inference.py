@@ -11,13 +11,10 @@ import pytest
 import tifffile
 from conftest import last_line, run_inference
 
-import image_files
-import image_sources
 import inference_fcdensenet as inference
-import inference_runner
-import mask_writers
-import segmentation
-import tiling
+from fcdn.data import image_files, image_sources
+from fcdn.inference import mask_writers, segmentation, tiling
+from fcdn.inference import runner as inference_runner
 
 # ---------------------------------------------------------------------------------------------
 # tiling geometry (no model)

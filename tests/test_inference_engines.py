@@ -14,8 +14,8 @@ import pytest
 import tifffile
 from conftest import REPO_ROOT, export_tiny_model, run_inference
 
-import inference_engines
 import inference_fcdensenet as inference
+from fcdn.inference import engines as inference_engines
 
 MASK_AGREEMENT = 0.9999
 
@@ -76,7 +76,7 @@ def test_openvino_masks_equal_tensorflows(variant, tmp_path):
     import keras
 
     import fcdensenet
-    import saved_model
+    from fcdn.model import saved_model
 
     keras.utils.set_random_seed(7)
     model = fcdensenet.build_model(variant, number_channels=3, number_classes=4)

@@ -12,9 +12,8 @@ import tifffile
 from conftest import INFERENCE_SCRIPT, REPO_ROOT, fill_disk, last_line, mounted_tmpfs, run_inference
 
 import inference_fcdensenet as inference
-import inference_runner
-import pipeline
-import segmentation
+from fcdn.inference import pipeline, segmentation
+from fcdn.inference import runner as inference_runner
 
 
 def small_folder(folder, mosaic, count=7):

@@ -9,11 +9,9 @@ import pytest
 import tifffile
 from conftest import last_line, run_inference
 
-import image_sources
-import mask_writers
-import pipeline
-import qc_pictures
-import segmentation
+from fcdn.common import qc_pictures
+from fcdn.data import image_sources
+from fcdn.inference import mask_writers, pipeline, segmentation
 
 
 def ome_physical_size(path):

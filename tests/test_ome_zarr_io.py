@@ -25,9 +25,7 @@ from ome_zarr_models.v05.image import Image as Image05
 from ome_zarr_models.v05.image_label import ImageLabel as ImageLabel05
 from ome_zarr_models.v05.labels import Labels as Labels05
 
-import image_files
-import image_sources
-import ome_zarr_io
+from fcdn.data import image_files, image_sources, ome_zarr_io
 
 FORMATS = {"0.4": FormatV04(), "0.5": FormatV05()}
 VALIDATORS = {"0.4": (Image04, ImageLabel04), "0.5": (Image05, ImageLabel05)}
@@ -321,7 +319,7 @@ KILLED_WRITER = """
 import sys, time
 sys.path.insert(0, {root!r})
 import numpy as np
-import ome_zarr_io
+from fcdn.data import ome_zarr_io
 def bands():
     yield np.zeros((64, {width}), np.uint8)
     open({ready!r}, "w").close()
@@ -469,7 +467,7 @@ def tiny_model(tmp_path_factory):
     import keras
 
     import fcdensenet
-    import saved_model
+    from fcdn.model import saved_model
 
     keras.utils.set_random_seed(3)
     model = fcdensenet.build_model(number_channels=1, number_classes=3, variant=None, layers_per_block=1,
@@ -485,9 +483,8 @@ def test_labels_equal_the_mask_inference_writes_for_the_tiff(tmp_path, tiny_mode
     import tifffile
 
     import inference_fcdensenet as inference
-    import inference_runner
-    import segmentation
-    import tiling
+    from fcdn.inference import runner as inference_runner
+    from fcdn.inference import segmentation, tiling
 
     predict, metadata = tiny_model
     height, width = 2 * HEIGHT, 2 * WIDTH  # more than one 288x288 tile
@@ -522,7 +519,7 @@ def test_labels_equal_the_mask_inference_writes_for_the_tiff(tmp_path, tiny_mode
 
 @pytest.mark.slow
 def test_script_writes_labels_into_zarr_images_and_reports_bad_ones(tmp_path, gray_model, mosaic):
-    import segmentation
+    from fcdn.inference import segmentation
 
     model_path, predict, metadata = gray_model
     images = tmp_path / "images"

@@ -3,8 +3,8 @@
 import pytest
 
 import fcdensenet
-import receptive_field
-from records import SIZE_FACTOR
+from fcdn.data.records import SIZE_FACTOR
+from fcdn.model import receptive_field
 
 pytestmark = pytest.mark.slow  # real models / worker processes / scripts
 

@@ -4,7 +4,7 @@ import lmdb
 import numpy as np
 import pytest
 
-import records
+from fcdn.data import records
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "nist-built-lmdb")
 

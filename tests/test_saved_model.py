@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 import fcdensenet
-import receptive_field
-import saved_model
+from fcdn.model import receptive_field, saved_model
 
 pytestmark = pytest.mark.slow  # real models / worker processes / scripts
 

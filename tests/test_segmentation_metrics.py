@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from segmentation_metrics import confusion_matrix, segmentation_metrics
+from fcdn.common.segmentation_metrics import confusion_matrix, segmentation_metrics
 
 
 def test_segmentation_metrics():

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT, fill_disk, mounted_tmpfs
 
-import atomic_files
-import records
-import saved_model
+from fcdn.common import atomic_files
+from fcdn.data import records
+from fcdn.model import saved_model
 from train_fcdensenet import RESUME_ON_EVERY_NODE, early_stopping_status
 
 SCRIPT = os.path.join(REPO_ROOT, "train_fcdensenet.py")
@@ -151,7 +151,7 @@ REPLICA_STEP = textwrap.dedent("""
     import keras
     import fcdensenet
     import train_fcdensenet as T
-    from training_recipe import WeightAverage, per_example_loss
+    from fcdn.training.recipe import WeightAverage, per_example_loss
 
     strategy = T.make_strategy()
     assert strategy.num_replicas_in_sync == replicas
@@ -214,7 +214,7 @@ def replica_steps(tmp_path, loss_name="cross_entropy", averaging=False):
 def test_training_curves_plot_the_rate_and_stay_readable_without_it(tmp_path):
     import imageio.v3 as iio
 
-    import qc_pictures
+    from fcdn.common import qc_pictures
 
     history = [{"epoch": epoch, "test_loss": 0.5 / (epoch + 1), "pixel_accuracy": 0.8, "mean_iou": 0.7,
                 "iou": [0.9, None if epoch == 0 else 0.5], "train_loss": 0.6, "learning_rate": rate}
@@ -316,7 +316,7 @@ def test_mixed_precision_step_scales_the_loss_and_trains(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_run_writes_every_output(databases, tmp_path):
-    import image_files
+    from fcdn.data import image_files
 
     config = tmp_path / "augment.json"
     config.write_text(json.dumps({"rotation": False, "noise_severity": 0.0}))
@@ -623,7 +623,7 @@ WORKER_STEPS = textwrap.dedent("""
     import tensorflow as tf
     import fcdensenet
     import train_fcdensenet as T
-    from run_folder import RunFolder
+    from fcdn.training.run_folder import RunFolder
 
     output_dir, result = sys.argv[1], sys.argv[2]
     strategy = T.make_strategy()
@@ -848,8 +848,8 @@ def test_weight_average_is_what_the_test_pass_scores_and_the_best_model_exports(
     import tensorflow as tf
 
     import fcdensenet
-    import image_files
-    from training_recipe import WeightAverage, per_example_loss
+    from fcdn.data import image_files
+    from fcdn.training.recipe import WeightAverage, per_example_loss
 
     output = tmp_path / "run"
     result, _ = run(train_command(databases, output, "--batch_size", "2", "--test_every_n_steps", "3",

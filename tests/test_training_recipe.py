@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import training_recipe as R
-from run_folder import RunFolder, run_settings
+from fcdn.training import recipe as R
+from fcdn.training.run_folder import RunFolder, run_settings
 from train_fcdensenet import check_args, parse_args
 
 PLAN = dict(warmup_steps=10, warmup_rate=1e-4, rate=1e-3, total_steps=110)

@@ -16,10 +16,10 @@ import os
 import keras
 import tensorflow as tf
 
-import atomic_files
 import fcdensenet
-import receptive_field
-from records import SIZE_FACTOR
+from fcdn.common import atomic_files
+from fcdn.data.records import SIZE_FACTOR
+from fcdn.model import receptive_field
 
 METADATA_FILENAME = "fcdensenet_metadata.json"
 METADATA_FORMAT_VERSION = 1

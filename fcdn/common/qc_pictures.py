@@ -14,7 +14,7 @@ grey, three as RGB, any other count shows its first channel.
 
 import numpy as np
 
-import atomic_files
+from fcdn.common import atomic_files
 
 MAX_SIDE = 2048
 LOW_PERCENTILE, HIGH_PERCENTILE = 0.5, 99.5

@@ -18,14 +18,9 @@ import time
 
 import numpy as np
 
-import image_files
-import image_sources
-import mask_writers
-import ome_zarr_io
-import pipeline
-import qc_pictures
-import segmentation
-import tiling
+from fcdn.common import qc_pictures
+from fcdn.data import image_files, image_sources, ome_zarr_io
+from fcdn.inference import mask_writers, pipeline, segmentation, tiling
 
 # images prepared ahead of the model: the next one's statistics pass (a whole read of a large image)
 # overlaps the model's work on the current one; more would hold more images in memory

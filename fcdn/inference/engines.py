@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-import atomic_files
+from fcdn.common import atomic_files
 
 ENGINES = ("auto", "openvino", "tensorflow")
 CACHE_FOLDER = "openvino"
@@ -37,7 +37,7 @@ def load_predictor(saved_model_path, engine="auto"):
     path = os.fspath(saved_model_path)
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
-    import saved_model  # here, not at the top: the scripts' --help and flag errors start no TensorFlow
+    from fcdn.model import saved_model  # here, not at the top: the scripts' --help and flag errors start no TensorFlow
 
     metadata = saved_model.read_metadata(path)
     openvino, import_error = _import_openvino() if engine != "tensorflow" else (None, None)

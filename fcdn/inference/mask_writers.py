@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-import atomic_files
+from fcdn.common import atomic_files
 
 OUTPUT_TIFF_TILE = 1024
 # Above this size (bytes of mask) a TIFF needs 64-bit offsets; compressed masks stay far below it.

@@ -17,7 +17,7 @@ import xml.etree.ElementTree
 
 import numpy as np
 
-import image_files
+from fcdn.data import image_files
 
 # Values per block when the streaming pass computes the normalisation statistics.
 STATISTICS_BLOCK_PIXELS = 2**22

@@ -15,10 +15,9 @@ import dataclasses
 
 import numpy as np
 
-import devices
-import image_files
-import image_sources
-import tiling
+from fcdn.common import devices
+from fcdn.data import image_files, image_sources
+from fcdn.inference import tiling
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,8 +16,7 @@ import lmdb
 import numpy as np
 
 import augment
-import image_files
-import records
+from fcdn.data import image_files, records
 
 POLL_SECONDS = 0.25  # how long a blocking call waits before it checks for stop / a dead parent
 

@@ -14,7 +14,7 @@ import tensorflow as tf
 from keras import layers
 
 import fcdensenet
-from records import SIZE_FACTOR
+from fcdn.data.records import SIZE_FACTOR
 
 
 def _round_up(value, factor=SIZE_FACTOR):

@@ -31,12 +31,9 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
-import atomic_files
-import image_files
-import qc_pictures
-import reader_worker
-import records
-import saved_model
+from fcdn.common import atomic_files, qc_pictures
+from fcdn.data import image_files, reader_worker, records
+from fcdn.model import saved_model
 
 SETTINGS_FILE = "run_settings.json"
 TEST_LOSS_FILE = "test_loss.csv"

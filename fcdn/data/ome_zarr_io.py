@@ -41,11 +41,9 @@ import os
 
 import numpy as np
 
-import atomic_files
-import image_files
-import image_sources
-import mask_writers
-import qc_pictures
+from fcdn.common import atomic_files, qc_pictures
+from fcdn.data import image_files, image_sources
+from fcdn.inference import mask_writers
 
 DEFAULT_LABEL_NAME = "fcdensenet"
 # NGFF version -> the Zarr format it is stored in.
