@@ -1,0 +1,55 @@
+"""The one-line error: how a failure is told to the user, in every script.
+
+A user reads one line naming the file and the problem, `error: <path>: <what>`, and the script
+exits non-zero; tracebacks are for bugs, not for bad input, a full disk or a dead worker.
+"""
+
+import argparse
+import errno
+import os
+import sys
+
+# TensorFlow's own header line, which says nothing about the cause
+_TENSORFLOW_HEADERS = ("Graph execution error:",)
+
+
+def gist(error, last=False):
+    """One line that says why `error` happened: the OS's words for an OSError, otherwise the first
+    (or, with `last`, the final) meaningful line of its message, or its type's name."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = str(getattr(error, "message", None) or error)
+    if os.strerror(errno.ENOSPC) in text:  # TensorFlow wraps a full disk in pages of context
+        return os.strerror(errno.ENOSPC)
+    lines = [line.strip() for line in text.splitlines()
+             if line.strip() and line.strip() not in _TENSORFLOW_HEADERS]
+    if not lines:
+        return type(error).__name__
+    return lines[-1] if last else lines[0]
+
+
+def with_path(path, error):
+    """`path: why` for an error met while handling `path` (the path is not repeated if the message
+    already starts with it); a ValueError is the user's problem and keeps its words, any other
+    error is named by its type."""
+    message = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {gist(error)}"
+    path = str(path)
+    return message if message.startswith(path) else f"{path}: {message}"
+
+
+def fail(message, status=1):
+    """Ends the script with `error: message` on stderr and a non-zero exit status."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(status)
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """A flag mistake is one line, `error: ...`, exit status 2, like every other mistake a script
+    reports (the usage is one --help away). Defaults show in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
