@@ -20,8 +20,9 @@ import tempfile
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-import build_lmdb  # noqa: E402
+from fcdn.data.build_pool import default_workers  # noqa: E402
 from fcdn.data.image_files import list_images  # noqa: E402
+from fcdn.data.lmdb_builder import build  # noqa: E402
 
 TARGET = 1.5
 
@@ -34,7 +35,7 @@ def parse_args():
     parser.add_argument("--mask_folder", default=os.path.join(REPO_ROOT, "data", "masks"), help="source masks")
     parser.add_argument("--pairs", type=int, default=1000, help="replicate the pairs to at least this many")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each configuration; the best counts")
-    parser.add_argument("--workers", type=int, default=build_lmdb.default_workers(),
+    parser.add_argument("--workers", type=int, default=default_workers(),
                         help="processes of the parallel configuration")
     return parser.parse_args()
 
@@ -58,7 +59,7 @@ def run_once(images, masks, output, workers):
     """One build into an empty folder (a first build: no earlier database to move aside and delete)."""
     os.makedirs(output)
     try:
-        stats = build_lmdb.build(images, masks, output, dataset_name="bench", seed=0, workers=workers,
+        stats = build(images, masks, output, dataset_name="bench", seed=0, workers=workers,
                                  log=lambda line: None)
     finally:
         shutil.rmtree(output)

@@ -17,8 +17,8 @@ import pytest
 import tifffile
 from conftest import REPO_ROOT, fill_disk, mounted_tmpfs
 
-import build_lmdb
 from fcdn.common import atomic_files
+from fcdn.data import lmdb_builder, record_encoding, record_store
 from fcdn.data.records import FILENAMES_CSV, decode_record, key_classes
 
 SCRIPT = os.path.join(REPO_ROOT, "build_lmdb.py")
@@ -93,18 +93,18 @@ def assert_no_database(folder):
 
 def test_crop_to_multiple_drops_half_the_excess_at_the_start():
     array = np.arange(70 * 100).reshape(70, 100)
-    cropped = build_lmdb.crop_to_multiple(array)
+    cropped = record_encoding.crop_to_multiple(array)
     assert cropped.shape == (64, 96)
     np.testing.assert_array_equal(cropped, array[3:67, 2:98])
 
 
 def test_tile_origins_follow_the_reference_stride_and_stay_inside():
     # tile 128: delta 128 - 384 < 64, so int(0.8 * 128) = 102; 204 slides back to 256 - 128
-    origins = build_lmdb.tile_origins(256, 256, 128)
+    origins = record_encoding.tile_origins(256, 256, 128)
     assert origins[:3] == [(0, 0), (102, 0), (128, 0)]  # x outer, y inner, as the reference
     assert sorted(origins) == [(y, x) for y in (0, 102, 128) for x in (0, 102, 128)]
     # tile 512: delta 128; several origins slide back onto x0 = 488 and must not repeat
-    origins = build_lmdb.tile_origins(600, 1000, 512)
+    origins = record_encoding.tile_origins(600, 1000, 512)
     assert len(origins) == len(set(origins))
     assert {x for _, x in origins} == {0, 128, 256, 384, 488}
     assert {y for y, _ in origins} == {0, 88}
@@ -146,7 +146,7 @@ def test_fixture_tiles_hold_the_source_pixels():
     reference.update(read_db(os.path.join(FIXTURES, "tiled128", "train-nist.lmdb")))
     for name in FIXTURE_FILES:
         image = tifffile.imread(os.path.join(DATA, "images", name))
-        for y0, x0 in build_lmdb.tile_origins(*image.shape, 128):
+        for y0, x0 in record_encoding.tile_origins(*image.shape, 128):
             prefix = f"{name[:-4]}_i{y0}_j{x0}:".encode()
             (key,) = [key for key in reference if key.startswith(prefix)]
             np.testing.assert_array_equal(decode_record(reference[key]).image[:, :, 0],
@@ -162,10 +162,10 @@ def test_workers_writing_together_store_what_one_process_stores(tmp_path):
     databases = {}
     for workers in (1, 3, 3):
         output = tmp_path / "out"
-        stats = build_lmdb.build(images, masks, str(output), seed=4, workers=workers, log=lambda line: None)
+        stats = lmdb_builder.build(images, masks, str(output), seed=4, workers=workers, log=lambda line: None)
         assert stats["records"] == {"train": 800, "test": 200}
         env = lmdb.open(str(output / "train-HES.lmdb"), readonly=True, lock=False)
-        assert build_lmdb.INITIAL_MAP_SIZE < env.info()["map_size"] < 4 * stats["pixel_bytes"]
+        assert record_store.INITIAL_MAP_SIZE < env.info()["map_size"] < 4 * stats["pixel_bytes"]
         env.close()
         records = {split: read_db(str(output / f"{split}-HES.lmdb")) for split in ("train", "test")}
         assert databases.setdefault("expected", records) == records
@@ -214,7 +214,7 @@ def test_seed_repeats_the_split_and_a_drawn_seed_is_printed(tmp_path):
         path_a, path_b = (str(tmp_path / out / f"{split}-HES.lmdb") for out in ("a", "b"))
         assert read_names(path_a) == read_names(path_b)
         assert read_db(path_a) == read_db(path_b)
-    splits = {tuple(build_lmdb.split_names([f"{i}.tif" for i in range(20)], 0.5, seed)[0]) for seed in range(5)}
+    splits = {tuple(lmdb_builder.split_names([f"{i}.tif" for i in range(20)], 0.5, seed)[0]) for seed in range(5)}
     assert len(splits) > 1
 
 
@@ -254,8 +254,8 @@ def test_tiff_variants_and_pixel_types_decode_to_the_cropped_source(tmp_path):
             mask[0, 0] = 300  # needs uint16
         write_tiff(images / f"{name}.tif", image, **TIFF_OPTIONS[name])
         write_tiff(masks / f"{name}.tif", mask, **TIFF_OPTIONS[name])
-        expected[name] = (build_lmdb.crop_to_multiple(image), build_lmdb.crop_to_multiple(mask))
-    stats = build_lmdb.build(str(images), str(masks), str(tmp_path / "out"), train_fraction=0.4, seed=0,
+        expected[name] = (record_encoding.crop_to_multiple(image), record_encoding.crop_to_multiple(mask))
+    stats = lmdb_builder.build(str(images), str(masks), str(tmp_path / "out"), train_fraction=0.4, seed=0,
                              workers=2, log=lambda line: None)
     assert stats["records"] == {"train": 2, "test": 3}
     records = {}
@@ -303,7 +303,7 @@ def test_png_pairs(tmp_path):
 @pytest.mark.slow
 def test_images_smaller_than_the_tile_are_reflect_padded(tmp_path):
     images, masks, pairs = make_dataset(tmp_path / "src", count=3, shape=(40, 90))
-    stats = build_lmdb.build(images, masks, str(tmp_path / "out"), train_fraction=0.5, use_tiling=True,
+    stats = lmdb_builder.build(images, masks, str(tmp_path / "out"), train_fraction=0.5, use_tiling=True,
                              tile_size=64, seed=0, workers=1, log=lambda line: None)
     assert stats["padded"] == sorted(pairs)  # 40 rows < 64
     records = read_db(str(tmp_path / "out" / "train-HES.lmdb"))
@@ -323,7 +323,7 @@ def test_images_smaller_than_the_tile_are_reflect_padded(tmp_path):
     # without tiling, a side under 32 is padded up to 32 rather than cropped to nothing
     small = tmp_path / "small"
     images, masks, _ = make_dataset(small, count=2, shape=(20, 70))
-    build_lmdb.build(images, masks, str(small / "out"), train_fraction=0.5, seed=0, workers=1,
+    lmdb_builder.build(images, masks, str(small / "out"), train_fraction=0.5, seed=0, workers=1,
                      log=lambda line: None)
     record = decode_record(next(iter(read_db(str(small / "out" / "train-HES.lmdb")).values())))
     assert record.image.shape == (32, 64, 1)

@@ -16,9 +16,8 @@ import lmdb
 import numpy as np
 
 import augment
+from fcdn.common.processes import POLL_SECONDS
 from fcdn.data import image_files, records
-
-POLL_SECONDS = 0.25  # how long a blocking call waits before it checks for stop / a dead parent
 
 
 def open_env(db_path):
