@@ -29,12 +29,14 @@ class PixelSize:
 
     resolution: (x, y) pixels per resolution_unit (TIFF XResolution, YResolution), or None;
     resolution_unit: the TIFF ResolutionUnit (1 none, 2 inch, 3 centimetre);
-    ome: the OME Pixels attributes PhysicalSizeX/Y and their units, or None for a plain TIFF.
+    ome: the OME Pixels attributes PhysicalSizeX/Y and their units, or None for a plain TIFF;
+    imagej_unit: an ImageJ TIFF's `unit` (its resolution then counts pixels per that unit), or None.
     """
 
     resolution: tuple = None
     resolution_unit: int = None
     ome: dict = None
+    imagej_unit: str = None
 
 
 OME_PHYSICAL_SIZES = ("PhysicalSizeX", "PhysicalSizeXUnit", "PhysicalSizeY", "PhysicalSizeYUnit")
@@ -65,7 +67,8 @@ def read_pixel_size(tiff):
     if "XResolution" in page.tags and "YResolution" in page.tags:
         resolution = page.get_resolution()
         unit = int(page.resolutionunit)
-    return PixelSize(resolution, unit, _ome_physical_size(tiff))
+    imagej_unit = (tiff.imagej_metadata or {}).get("unit") if tiff.is_imagej else None
+    return PixelSize(resolution, unit, _ome_physical_size(tiff), imagej_unit)
 
 
 class ImageSource:

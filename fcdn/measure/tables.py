@@ -1,0 +1,204 @@
+"""Object tables of a folder of masks: one `<stem>_objects.csv` a mask and `objects_summary.csv`.
+
+    failures = measure_folder("runs/x/masks", "runs/x/objects", image_folder="data/images")
+
+A mask of at least `streaming_megapixels` is read and measured band by band (banded.BandedObjects),
+a smaller one whole (objects.measure_whole): the same table either way. Lengths and areas are also
+given in micrometres where the mask's file carries a pixel size (units.py); perimeter and
+equivalent diameter only where its pixels are square.
+"""
+
+import csv
+import io
+import math
+import os
+
+import numpy as np
+
+from fcdn.common import atomic_files
+from fcdn.common.errors import with_path
+from fcdn.data import image_sources, ome_zarr_io
+from fcdn.measure import banded, objects, units
+
+SUMMARY_FILE = "objects_summary.csv"
+TABLE_SUFFIX = "_objects.csv"
+BAND_PIXELS = banded.MAX_BAND_PIXELS
+
+
+def table_name(mask_name):
+    return os.path.splitext(mask_name)[0] + TABLE_SUFFIX
+
+
+def list_masks(folder):
+    """Sorted names of the masks in `folder`: TIFF, PNG and OME-Zarr (`*.zarr`) files."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder}: folder does not exist")
+    extensions = (".tif", ".tiff", ".png", ".zarr")
+    names = sorted(name for name in os.listdir(folder) if name.lower().endswith(extensions)
+                   and not name.startswith("."))
+    if not names:
+        raise ValueError(f"{folder}: no masks (.tif, .tiff, .png or .zarr) in this folder")
+    return names
+
+
+def open_mask(path, streaming_megapixels, label_name):
+    """The image source of a mask: a TIFF or PNG file, an NGFF label image, or the label image
+    `labels/<label_name>` of an OME-Zarr image."""
+    if path.lower().endswith(".zarr"):
+        labels = os.path.join(path, "labels", label_name)
+        return ome_zarr_io.ZarrSource.open(labels if os.path.isdir(labels) else path)
+    return image_sources.open_source(path, streaming_megapixels)
+
+
+def open_image(path, streaming_megapixels):
+    if path.lower().endswith(".zarr"):
+        return ome_zarr_io.ZarrSource.open(path)
+    return image_sources.open_source(path, streaming_megapixels)
+
+
+def checked_mask_rows(rows, path):
+    """Mask rows as a 2-D integer array; ValueError (one line) for floats, channels or negative classes."""
+    if rows.shape[2] != 1:
+        raise ValueError(f"{path}: mask has {rows.shape[2]} channels; masks must be single-channel")
+    if not np.issubdtype(rows.dtype, np.integer):
+        raise ValueError(f"{path}: mask pixel type {rows.dtype} is not an integer type (masks hold classes)")
+    if rows.size and rows.min() < 0:
+        raise ValueError(f"{path}: mask holds negative values (min {rows.min()}); classes must be >= 0")
+    return rows[:, :, 0]
+
+
+def pixel_size_um(source):
+    if isinstance(source, ome_zarr_io.ZarrSource):
+        return units.from_zarr(source)
+    return units.from_tiff(source.pixel_size)
+
+
+def measure_source(mask, image=None):
+    """The table of one mask source (and its image source, for intensities)."""
+    height, width, _ = mask.shape
+    if image is not None and image.shape[:2] != (height, width):
+        raise ValueError(f"{image.path}: image is {image.shape[0]}x{image.shape[1]} but its mask "
+                         f"{mask.path} is {height}x{width}")
+    if not (mask.streamed or (image is not None and image.streamed)):
+        return objects.measure_whole(checked_mask_rows(mask.rows(0, height), mask.path),
+                                     None if image is None else image.rows(0, height))
+    table = banded.BandedObjects(width, 0 if image is None else image.shape[2])
+    step = max(1, BAND_PIXELS // width)
+    for start in range(0, height, step):
+        stop = min(start + step, height)
+        table.add(start, checked_mask_rows(mask.rows(start, stop), mask.path),
+                  None if image is None else image.rows(start, stop))
+    return table.finish()
+
+
+def physical_columns(columns, pixel_um):
+    """The micrometre columns of a table, given the (y, x) pixel size in micrometres."""
+    if pixel_um is None:
+        return {}
+    size_y, size_x = pixel_um
+    physical = {"area_um2": columns["area_pixels"] * size_y * size_x,
+                "centroid_y_um": columns["centroid_y"] * size_y, "centroid_x_um": columns["centroid_x"] * size_x}
+    if math.isclose(size_y, size_x, rel_tol=1e-6):  # a length along a boundary needs square pixels
+        physical.update(perimeter_um=columns["perimeter"] * size_x,
+                        equivalent_diameter_um=columns["equivalent_diameter"] * size_x)
+    return physical
+
+
+def csv_text(header, rows):
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")  # quotes any name as CSV quotes
+    writer.writerow(header)
+    writer.writerows(rows)
+    return text.getvalue()
+
+
+def _cell(value):
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.10g}"
+    return int(value) if isinstance(value, np.integer) else value
+
+
+def write_table(path, columns, pixel_um):
+    """`<stem>_objects.csv`: object_id, the shape columns, the micrometre ones, the intensities."""
+    physical = physical_columns(columns, pixel_um)
+    intensity = [name for name in columns if name.startswith("intensity_")]
+    names = [*objects.SHAPE_COLUMNS, *physical, *intensity]
+    merged = {**columns, **physical}
+    count = len(columns["area_pixels"])
+    rows = [[index + 1, *(_cell(merged[name][index]) for name in names)] for index in range(count)]
+    atomic_files.write_text(path, csv_text(["object_id", *names], rows))
+
+
+def summary_rows(name, columns, pixel_um, classes):
+    """Rows image, class, count, total and mean area (pixels, and micrometres² where known)."""
+    rows = []
+    for value in classes:
+        areas = columns["area_pixels"][columns["class"] == value]
+        total = int(areas.sum())
+        row = [name, value, len(areas), total, _cell(total / len(areas)) if len(areas) else ""]
+        if pixel_um is not None:
+            scale = pixel_um[0] * pixel_um[1]
+            row += [_cell(total * scale), _cell(total * scale / len(areas)) if len(areas) else ""]
+        rows.append(row)
+    return rows
+
+
+def measure_folder(mask_folder, output_folder, *, image_folder=None, streaming_megapixels=64.0,
+                   label_name=ome_zarr_io.DEFAULT_LABEL_NAME, log=print):
+    """Writes every mask's table and the folder's summary; returns the failures (one line each)."""
+    names = list_masks(mask_folder)
+    images = match_images(names, image_folder) if image_folder is not None else {}
+    os.makedirs(output_folder, exist_ok=True)
+    measured, failures = [], []
+    for name in names:
+        path = os.path.join(mask_folder, name)
+        try:
+            with open_mask(path, streaming_megapixels, label_name) as mask:
+                image = open_image(images[name], streaming_megapixels) if name in images else None
+                try:
+                    columns = measure_source(mask, image)
+                finally:
+                    if image is not None:
+                        image.close()
+                pixel_um = pixel_size_um(mask)
+            write_table(os.path.join(output_folder, table_name(name)), columns, pixel_um)
+        except (ValueError, OSError) as error:  # a ValueError's line already names its file
+            failures.append(str(error) if isinstance(error, ValueError) else with_path(path, error))
+            log(f"failed: {failures[-1]}")
+            continue
+        measured.append((name, columns, pixel_um))
+        log(f"{name}: {len(columns['area_pixels'])} objects")
+    write_summary(os.path.join(output_folder, SUMMARY_FILE), measured)
+    return failures
+
+
+def write_summary(path, measured):
+    classes = sorted({int(value) for _, columns, _ in measured for value in np.unique(columns["class"])})
+    with_units = any(pixel_um is not None for _, _, pixel_um in measured)
+    header = ["image", "class", "count", "total_area_pixels", "mean_area_pixels"]
+    header += ["total_area_um2", "mean_area_um2"] if with_units else []
+    rows = []
+    for name, columns, pixel_um in measured:
+        for row in summary_rows(name, columns, pixel_um, classes):
+            rows.append(row + (["", ""] if with_units and pixel_um is None else []))
+    atomic_files.write_text(path, csv_text(header, rows))
+
+
+def match_images(mask_names, image_folder):
+    """The image of each mask: the file of the image folder with the same stem (any extension)."""
+    if not os.path.isdir(image_folder):
+        raise ValueError(f"{image_folder}: folder does not exist")
+    by_stem = {}
+    for image_name in os.listdir(image_folder):
+        if image_name.lower().endswith((".tif", ".tiff", ".png", ".jpg", ".jpeg", ".zarr")):
+            by_stem.setdefault(os.path.splitext(image_name)[0], []).append(image_name)
+    matches = {}
+    for name in mask_names:
+        candidates = by_stem.get(os.path.splitext(name)[0], [])
+        if len(candidates) > 1:
+            raise ValueError(f"{image_folder}: {len(candidates)} images match the mask {name}: "
+                             f"{', '.join(sorted(candidates))}")
+        if not candidates:
+            raise ValueError(f"{image_folder}: no image matches the mask {name} (same name, any extension)")
+        matches[name] = os.path.join(image_folder, candidates[0])
+    return matches
