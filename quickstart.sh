@@ -5,13 +5,13 @@
 #   bash quickstart.sh                 # uses `python` from PATH (the README activates .venv first)
 #   RUN_DIR=runs/other bash quickstart.sh
 #   TRAIN_FLAGS="--batch_size 4 --crop_size 128 --max_epochs 9 --early_stopping 9 --warmup constant" \
-#       bash quickstart.sh             # another recipe: here the previous one (README.md: what each scored)
+#       bash quickstart.sh             # another recipe: here the previous one (docs/experiments: what each scored)
 #
 # The settings trade the reference's defaults for a run that finishes in minutes on a laptop CPU:
 # 8 random 96x96 crops of the 256x256 images a step instead of 4 whole images (3.6x less compute a
 # step; each crop is normalised with its whole image's statistics, as inference does), 400 steps, flips
 # as the only augmentation and a test pass every 50 steps. The recipe is the one that scored best
-# within this budget (README.md, "The recipe"): no dropout, a learning rate rising over the 50-step
+# within this budget (docs/experiments/2026-12-01-quick-start-recipe.md): no dropout, a learning rate rising over the 50-step
 # warm-up epoch from 2e-4 to 2e-3, then decaying to zero by nnU-Net's poly schedule at the end of the
 # 8 epochs, no early stopping, since the rate is planned to the last epoch, and test-time augmentation
 # (the mean over the 8 flips and quarter turns of each image) when segmenting.

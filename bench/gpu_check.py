@@ -1,4 +1,4 @@
-"""GPU figures for the README, on the first visible GPU; under 8 minutes on one. No arguments:
+"""GPU figures for docs/benchmarks.md, on the first visible GPU; under 8 minutes on one. No arguments:
 
     bash bench/gpu_check.sh          # or: python bench/gpu_check.py
 

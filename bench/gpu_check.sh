@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of README.md on the first visible GPU (under 8 minutes); exits 0 with a message
+# The GPU figures of docs/benchmarks.md on the first visible GPU (under 8 minutes); exits 0 with a message
 # where TensorFlow sees no GPU. Run from anywhere: bash bench/gpu_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
