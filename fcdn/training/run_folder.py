@@ -21,7 +21,6 @@ Files (only the chief writes; every file and directory is swapped in whole by at
 
 import contextlib
 import csv
-import errno
 import io
 import json
 import os
@@ -31,7 +30,7 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
-from fcdn.common import atomic_files, qc_pictures
+from fcdn.common import atomic_files, errors, qc_pictures
 from fcdn.data import image_files, reader_worker, records
 from fcdn.model import saved_model
 
@@ -64,13 +63,9 @@ SETTINGS_DEFAULTS = {"crop_size": 0, "lr_schedule": "constant", "decay_epochs": 
 
 
 def write_failure_reason(error):
-    """The gist of why a write failed: the OS's words, or the last words of TensorFlow's message."""
-    if isinstance(error, OSError):
-        return error.strerror or str(error)
-    text = str(error.message if hasattr(error, "message") else error)
-    if os.strerror(errno.ENOSPC) in text:
-        return os.strerror(errno.ENOSPC)
-    return text.strip().splitlines()[-1].split("}}")[-1].strip() if text.strip() else type(error).__name__
+    """The gist of why a write failed: the OS's words, or the last words of TensorFlow's message
+    without the `{{function_node ...}}` that an eager op's error starts with."""
+    return errors.gist(error, last=True).split("}}")[-1].strip()
 
 
 @contextlib.contextmanager
