@@ -17,6 +17,7 @@ Files (only the chief writes; every file and directory is swapped in whole by at
     test_predictions.png     the best model on up to 16 test records: true and predicted outlines
     tensorboard-<time>/      TensorBoard summaries under train/ and test/
     resume/                  model + optimizer checkpoint and state.json, to continue the run
+    model.bioimageio.zip     with --export_bioimageio 1: a BioImage Model Zoo package of the best model
 """
 
 import contextlib
@@ -241,3 +242,17 @@ def first_records(database, count):
             return found
     finally:
         env.close()
+
+
+def export_bioimageio_package(output_dir):
+    """--export_bioimageio 1: the finished run's best model as output_dir/model.bioimageio.zip, its test
+    image the first record of the test database; ValueError (one line) if the export fails."""
+    import export_bioimageio
+
+    target = os.path.join(output_dir, BIOIMAGEIO_PACKAGE)
+    export_args = export_bioimageio.parse_args(
+        ["--saved_model_filepath", os.path.join(output_dir, SAVED_MODEL_DIR), "--output", target])
+    try:
+        export_bioimageio.export_package(export_args)
+    except RuntimeError as error:  # a conversion or a test of the package failed
+        raise ValueError(f"{target}: not written: {str(error).splitlines()[0]}") from None
