@@ -29,8 +29,12 @@ from fcdn.data import records  # noqa: E402
 if __name__ != "__mp_main__":  # reader workers (spawn) re-import this script: keep TensorFlow out
     import tensorflow as tf  # noqa: E402
 
-    import train_fcdensenet as T  # noqa: E402
+    from fcdn.common.stopping import StopRequest  # noqa: E402
+    from fcdn.training.readers import load_augmentation, open_readers  # noqa: E402
     from fcdn.training.run_folder import RunFolder  # noqa: E402
+    from fcdn.training.strategy import distribute, make_strategy, stop_vote  # noqa: E402
+    from fcdn.training.trainer import Trainer  # noqa: E402
+    from train_fcdensenet import parse_args as parse_train_args  # noqa: E402
 
 STARVATION = "Input Queue Starvation !!!!"
 
@@ -80,7 +84,7 @@ class LineCounter(io.TextIOBase):
 def time_steps(trainer, iterator, steps, stop):
     start = time.perf_counter()
     for _ in range(steps):
-        trainer.train_step(iterator, stop.vote()).numpy()
+        trainer.train_step(iterator, stop_vote(stop)).numpy()
     return time.perf_counter() - start
 
 
@@ -91,16 +95,16 @@ def main():
         train_db, test_db = os.path.join(root, "train.lmdb"), os.path.join(root, "test.lmdb")
         write_database(train_db, options.records, options.image_size)
         write_database(test_db, 4, options.image_size, seed=1)
-        args = T.parse_args(["--train_database", train_db, "--test_database", test_db, "--output_dir",
-                             os.path.join(root, "run"), "--model", options.model, "--batch_size",
-                             str(options.batch_size), "--seed", "0"])
-        strategy = T.make_strategy()
+        args = parse_train_args(["--train_database", train_db, "--test_database", test_db, "--output_dir",
+                                 os.path.join(root, "run"), "--model", options.model, "--batch_size",
+                                 str(options.batch_size), "--seed", "0"])
+        strategy = make_strategy()
         replicas = strategy.num_replicas_in_sync
-        stop = T.StopRequest()
-        augmentation = T.load_augmentation(args)
-        train_reader, test_reader = T.open_readers(args, stack, replicas, 0, augmentation)
-        trainer = T.Trainer(args, strategy, RunFolder(args.output_dir), replicas, train_reader, test_reader, {},
-                            stop)
+        stop = StopRequest()
+        augmentation = load_augmentation(args)
+        train_reader, test_reader = open_readers(args, stack, replicas, 0, augmentation)
+        trainer = Trainer(args, strategy, RunFolder(args.output_dir), replicas, train_reader, test_reader, {},
+                          stop)
         global_batch = trainer.global_batch
         print(f"{options.model} {options.image_size}x{options.image_size}, batch {global_batch} on "
               f"{replicas} replica(s), {args.reader_count * replicas} reader worker(s) with augmentation; "
@@ -109,7 +113,7 @@ def main():
         reader_iterator = trainer.train_iterator
         batch = next(iter(train_reader.get_tf_dataset().batch(global_batch)))  # one real batch, kept
         constant = lambda: tf.data.Dataset.from_tensor_slices(batch).repeat()
-        constant_iterator = iter(T.distribute(strategy, constant, global_batch))
+        constant_iterator = iter(distribute(strategy, constant, global_batch))
 
         time_steps(trainer, constant_iterator, options.warmup_steps, stop)
         time_steps(trainer, reader_iterator, options.warmup_steps, stop)

@@ -19,7 +19,8 @@ from conftest import REPO_ROOT, fill_disk, mounted_tmpfs
 from fcdn.common import atomic_files
 from fcdn.data import records
 from fcdn.model import saved_model
-from train_fcdensenet import RESUME_ON_EVERY_NODE, early_stopping_status
+from fcdn.training.evaluation import early_stopping_status
+from fcdn.training.failures import RESUME_ON_EVERY_NODE
 
 SCRIPT = os.path.join(REPO_ROOT, "train_fcdensenet.py")
 TINY_MODEL = ["--layers_per_block", "1", "--growth_rate", "4"]
@@ -150,7 +151,7 @@ REPLICA_STEP = textwrap.dedent("""
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
     import keras
     import fcdensenet
-    import train_fcdensenet as T
+    import fcdn.training.strategy as T
     from fcdn.training.recipe import WeightAverage, per_example_loss
 
     strategy = T.make_strategy()
@@ -277,7 +278,7 @@ MIXED_STEP = textwrap.dedent("""
     import tensorflow as tf
     import keras
     import fcdensenet
-    import train_fcdensenet as T
+    import fcdn.training.strategy as T
 
     keras.mixed_precision.set_global_policy("mixed_float16")  # as --mixed_precision 1 does on a GPU
     strategy = T.make_strategy()
@@ -538,14 +539,14 @@ def test_a_full_disk_ends_the_run_with_one_line_and_keeps_the_last_outputs(datab
 def test_a_full_disk_under_tensorboard_is_one_line(small_disk):
     import tensorflow as tf
 
-    import train_fcdensenet
+    from fcdn.training import summaries
 
     writer = tf.summary.create_file_writer(str(small_disk / "tensorboard" / "train"))
-    train_fcdensenet.write_scalars(writer, 0, {"loss": 1.0})
+    summaries.write_scalars(writer, 0, {"loss": 1.0})
     fill_disk(small_disk, leave=0)
     with pytest.raises(ValueError) as error:
         for step in range(1, 100):
-            train_fcdensenet.write_scalars(writer, step, {"loss": 1.0, "accuracy": 0.5})
+            summaries.write_scalars(writer, step, {"loss": 1.0, "accuracy": 0.5})
     message = str(error.value)
     assert re.match(rf"{small_disk}/tensorboard/train/events\.out\.tfevents\S+: cannot write the TensorBoard "
                     r"summaries \(No space left on device\)", message) and "\n" not in message, message
@@ -622,7 +623,7 @@ WORKER_STEPS = textwrap.dedent("""
     import numpy as np
     import tensorflow as tf
     import fcdensenet
-    import train_fcdensenet as T
+    import fcdn.training.strategy as T
     from fcdn.training.run_folder import RunFolder
 
     output_dir, result = sys.argv[1], sys.argv[2]

@@ -49,7 +49,7 @@ def test_linear_warm_up_rises_from_the_warm_up_rate_to_the_rate_and_leaves_the_r
     assert rates[10:] == [R.learning_rate_at(step, constant) for step in range(10, 120)]
     args = parse_args(["--train_database", "t", "--test_database", "s", "--output_dir", "o",
                        "--warmup", "linear", "--learning_rate", "2e-3"])
-    from train_fcdensenet import rate_plan
+    from fcdn.training.recipe import rate_plan
 
     plan = rate_plan(args, warmup_steps=50)
     assert (plan.warmup, plan.warmup_rate) == ("linear", pytest.approx(2e-4))
@@ -61,7 +61,7 @@ def test_linear_warm_up_rises_from_the_warm_up_rate_to_the_rate_and_leaves_the_r
 def test_decaying_schedule_spans_the_epochs_max_epochs_counts_the_warm_up_in():
     args = parse_args(["--train_database", "t", "--test_database", "s", "--output_dir", "o",
                        "--lr_schedule", "cosine", "--max_epochs", "9", "--test_every_n_steps", "50"])
-    from train_fcdensenet import rate_plan
+    from fcdn.training.recipe import rate_plan
 
     plan = rate_plan(args, warmup_steps=50)
     assert plan.total_steps == 450  # 50 warm-up steps + 8 epochs of 50

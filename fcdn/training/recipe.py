@@ -1,5 +1,6 @@
 """The training recipe: the learning rate of every step, the loss, and a moving average of the weights.
 
+    plan = rate_plan(args, warmup_steps)              # from the trainer's arguments
     rate = learning_rate_at(step, plan)               # a pure function of (global step, settings)
     loss = per_example_loss(labels, probabilities, "dice_cross_entropy")   # shape (N,)
     average = WeightAverage(model.trainable_variables, decay=0.999)        # inside strategy.scope()
@@ -23,6 +24,8 @@ LOSSES = ("cross_entropy", "dice_cross_entropy")
 POLY_EXPONENT = 0.9  # nnU-Net's
 DICE_SMOOTH = 1e-5  # nnU-Net's: an example without foreground adds ~nothing to the Dice gradient
 DEFAULT_AVERAGE_DECAY = 0.999
+MAX_WARMUP_STEPS = 1000
+WARMUP_LR_DIVISOR = 10.0
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,17 @@ class RatePlan:
     schedule: str = "constant"
     total_steps: int | None = None
     warmup: str = "constant"
+
+
+def rate_plan(args, warmup_steps):
+    """The learning-rate plan of a run: the warm-up epoch at learning_rate / 10, then the schedule,
+    which (decaying) reaches zero at the end of epoch max_epochs - 1, the warm-up counted."""
+    total_steps = None
+    if args.max_epochs is not None:
+        total_steps = warmup_steps + (args.max_epochs - 1) * args.test_every_n_steps
+    return RatePlan(warmup_steps=warmup_steps, warmup_rate=args.learning_rate / WARMUP_LR_DIVISOR,
+                    rate=args.learning_rate, schedule=args.lr_schedule, total_steps=total_steps,
+                    warmup=args.warmup)
 
 
 def learning_rate_at(step, plan):

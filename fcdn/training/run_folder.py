@@ -17,11 +17,11 @@ Files (only the chief writes; every file and directory is swapped in whole by at
     test_predictions.png     the best model on up to 16 test records: true and predicted outlines
     tensorboard-<time>/      TensorBoard summaries under train/ and test/
     resume/                  model + optimizer checkpoint and state.json, to continue the run
+    model.bioimageio.zip     with --export_bioimageio 1: a BioImage Model Zoo package of the best model
 """
 
 import contextlib
 import csv
-import errno
 import io
 import json
 import os
@@ -31,7 +31,7 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
-from fcdn.common import atomic_files, qc_pictures
+from fcdn.common import atomic_files, errors, qc_pictures
 from fcdn.data import image_files, reader_worker, records
 from fcdn.model import saved_model
 
@@ -64,13 +64,9 @@ SETTINGS_DEFAULTS = {"crop_size": 0, "lr_schedule": "constant", "decay_epochs": 
 
 
 def write_failure_reason(error):
-    """The gist of why a write failed: the OS's words, or the last words of TensorFlow's message."""
-    if isinstance(error, OSError):
-        return error.strerror or str(error)
-    text = str(error.message if hasattr(error, "message") else error)
-    if os.strerror(errno.ENOSPC) in text:
-        return os.strerror(errno.ENOSPC)
-    return text.strip().splitlines()[-1].split("}}")[-1].strip() if text.strip() else type(error).__name__
+    """The gist of why a write failed: the OS's words, or the last words of TensorFlow's message
+    without the `{{function_node ...}}` that an eager op's error starts with."""
+    return errors.gist(error, last=True).split("}}")[-1].strip()
 
 
 @contextlib.contextmanager
@@ -246,3 +242,17 @@ def first_records(database, count):
             return found
     finally:
         env.close()
+
+
+def export_bioimageio_package(output_dir):
+    """--export_bioimageio 1: the finished run's best model as output_dir/model.bioimageio.zip, its test
+    image the first record of the test database; ValueError (one line) if the export fails."""
+    import export_bioimageio
+
+    target = os.path.join(output_dir, BIOIMAGEIO_PACKAGE)
+    export_args = export_bioimageio.parse_args(
+        ["--saved_model_filepath", os.path.join(output_dir, SAVED_MODEL_DIR), "--output", target])
+    try:
+        export_bioimageio.export_package(export_args)
+    except RuntimeError as error:  # a conversion or a test of the package failed
+        raise ValueError(f"{target}: not written: {str(error).splitlines()[0]}") from None
