@@ -68,7 +68,9 @@ def stop_vote(stop):
 
 
 def build_optimizer(strategy, model, learning_rate, mixed_precision=False):
-    """Adam, built inside the strategy scope before the first distributed step (see STACK-NOTES)."""
+    """Adam, built inside the strategy scope before the first distributed step: Keras 3 builds it
+    lazily otherwise, inside the first replicated tf.function, where a step over 2 replicas fails
+    with "You must feed a value for placeholder tensor '.../cond/Placeholder'"."""
     with strategy.scope():
         optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
         if mixed_precision:
