@@ -49,6 +49,7 @@ if multiprocessing.current_process().name == "MainProcess":
     import tensorflow as tf
 
     import fcdensenet
+    from fcdn.training import fine_tuning
     from fcdn.training.failures import end_after_failure, op_error_message, save_and_exit
     from fcdn.training.readers import derived_seed, load_augmentation, open_readers
     from fcdn.training.recipe import DEFAULT_AVERAGE_DECAY, LOSSES, LR_SCHEDULES, WARMUP_LR_DIVISOR, WARMUPS
@@ -111,6 +112,10 @@ def add_model_flags(parser):
 
 
 def add_run_flags(parser):
+    parser.add_argument("--init_from", default=None,
+                        help="SavedModel of a trained model to start from (fine-tuning): its weights, its "
+                             "architecture (which the flags must match); a different --number_classes gets a "
+                             "new classifier. Unset: random weights")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed for weight initialisation, dropout and the readers; unset: random")
     parser.add_argument("--augmentation_config", default=None,
@@ -232,12 +237,23 @@ def print_setup(args, trainer, workers, augmentation):
     sys.stdout.flush()
 
 
+def start_from(trainer, source, is_chief):
+    """A fresh fine-tuning run's first weights (and its weight average) are the source model's."""
+    fine_tuning.load_initial_weights(trainer.model, source)
+    if trainer.average is not None:
+        trainer.average.restart()
+    if is_chief:
+        print(fine_tuning.source_line(source, trainer.args.number_classes), flush=True)
+
+
 def train(args, stop):
     """The run's stages, in order; returns the exit status."""
     augmentation = load_augmentation(args)
     strategy = make_strategy()
     is_chief, worker_index, workers = worker_info(strategy)
     settings = run_settings(args, augmentation)
+    source = fine_tuning.describe_source(args.init_from) if args.init_from else None
+    settings["init_from"] = source
     folder = RunFolder(args.output_dir, is_chief)
     state, resume_dir = resume_point(args, folder, settings)
     if state is not None and state.get("finished"):
@@ -256,10 +272,14 @@ def train(args, stop):
         trainer = Trainer(args, strategy, folder, local_replicas, train_reader, test_reader, settings, stop)
         # the readers (on `stack`) shut down first, then their datasets can end at once
         cleanup.callback(trainer.release_input)
+        if source is not None:
+            fine_tuning.check_source(source, args, train_reader.get_image_size()[2])
         if is_chief:
             print_setup(args, trainer, workers, augmentation)
         if state is None:
             trainer.state = trainer.fresh_state()
+            if source is not None:
+                start_from(trainer, source, is_chief)
         else:
             trainer.restore(state, resume_dir)
             trainer.print(f"resuming at epoch {state['epoch']} step {state['step_in_epoch']} "

@@ -139,6 +139,11 @@ class WeightAverage(tf.Module):
             shadow.assign(decay * shadow + (1.0 - decay) * tf.cast(variable.value, shadow.dtype))
         self.updates.assign_add(1)
 
+    def restart(self):
+        """The average starts again from the weights as they are (a fine-tuned run's loaded ones)."""
+        for variable, shadow in zip(self.variables_averaged, self.shadows):
+            shadow.assign(tf.cast(variable.value, shadow.dtype))
+
     @tf.function
     def swap(self):
         """Exchange the weights and the averages (twice restores both bit for bit)."""

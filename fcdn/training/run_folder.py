@@ -56,11 +56,11 @@ RUN_DEFINING = ("train_database", "test_database", "batch_size", "number_classes
                 "test_every_n_steps", "balance_classes", "use_augmentation", "early_stopping",
                 "model", "layers_per_block", "growth_rate", "dropout_rate", "seed", "mixed_precision",
                 "augmentation", "crop_size", "lr_schedule", "decay_epochs", "weight_averaging",
-                "weight_averaging_decay", "loss", "batch_norm_momentum", "warmup")
+                "weight_averaging_decay", "loss", "batch_norm_momentum", "warmup", "init_from")
 # the values that settings written before a flag existed stand for
 SETTINGS_DEFAULTS = {"crop_size": 0, "lr_schedule": "constant", "decay_epochs": None, "weight_averaging": 0,
                      "weight_averaging_decay": None, "loss": "cross_entropy",
-                     "batch_norm_momentum": 0.9, "warmup": "constant"}
+                     "batch_norm_momentum": 0.9, "warmup": "constant", "init_from": None}
 
 
 def write_failure_reason(error):
