@@ -8,6 +8,8 @@ import pytest
 import tifffile
 from conftest import DATA_IMAGES, REPO_ROOT, run_inference
 
+import fcdn
+import inference_fcdensenet
 from fcdn.inference import runner
 from fcdn.inference.segmenter import Segmenter, image_paths
 
@@ -47,6 +49,16 @@ def test_bad_options_are_refused_before_the_model_is_loaded(tmp_path):
         Segmenter("unused", engine="onnxruntime")
     with pytest.raises(ValueError, match="no .png images"):
         image_paths(str(tmp_path / "images"), ".png")
+
+
+def test_the_script_tells_its_version_and_a_flag_mistake_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        inference_fcdensenet.parse_args(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.endswith(f" {fcdn.__version__}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        inference_fcdensenet.parse_args(["--saved_model_filepath", "m", "--image_folder", "i", "--tile_sise", "1"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: unrecognized arguments: --tile_sise 1\n"
 
 
 # ---------------------------------------------------------------------------------------------
