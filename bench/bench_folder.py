@@ -46,25 +46,17 @@ def write_folder(folder):
     return names
 
 
-def script_args(images, output, batch_size):
-    import inference_fcdensenet
-
-    args = inference_fcdensenet.parse_args(["--saved_model_filepath", "unused", "--image_folder", images,
-                                            "--output_folder", output, "--batch_size", str(batch_size)])
-    args.image_format = "tif"
-    return args
-
-
 def this_project(predict, metadata, images, names, output, batch_size, device_count):
     from fcdn.inference import runner as inference_runner
     from fcdn.inference import tiling
 
-    args = script_args(images, output, batch_size)
-    args.tile_size = tiling.check_tile_size(0, metadata["radius"], metadata["size_factor"])
+    options = inference_runner.RunnerOptions(
+        tile_size=tiling.check_tile_size(0, metadata["radius"], metadata["size_factor"]), output_folder=output,
+        batch_size=batch_size)
     os.makedirs(output, exist_ok=True)
     started = time.perf_counter()
     results = list(inference_runner.segment_images([os.path.join(images, name) for name in names], predict,
-                                                   metadata, args, device_count))
+                                                   metadata, options, device_count))
     seconds = time.perf_counter() - started
     failed = [result for result in results if result.error is not None]
     if failed:
@@ -91,7 +83,7 @@ def main():
     import keras
 
     import fcdensenet
-    import inference_fcdensenet
+    from fcdn.inference import engines
     from fcdn.model import saved_model
 
     with tempfile.TemporaryDirectory(prefix="bench_folder_") as workdir:
@@ -101,7 +93,7 @@ def main():
         model = fcdensenet.build_model("FCDenseNet56", number_channels=1, number_classes=2)
         model_path = os.path.join(workdir, "FCDenseNet56")
         saved_model.export_saved_model(model, model_path)
-        predict, metadata, devices, engine = inference_fcdensenet.load_model(model_path)
+        predict, metadata, devices, engine = engines.load_model(model_path)
         tf_predict, _ = saved_model.load_saved_model(model_path)
         # warm-up: the traced shapes of both sides
         this_project(predict, metadata, images, names[:70], os.path.join(workdir, "warm"), 0, len(devices))

@@ -42,15 +42,14 @@ def inference_figures(workdir, variant):
     import tifffile
 
     import fcdensenet
-    import inference_fcdensenet
+    from fcdn.inference import engines, tiling
     from fcdn.inference import runner as inference_runner
-    from fcdn.inference import tiling
     from fcdn.model import saved_model
 
     keras.utils.set_random_seed(0)
     path = os.path.join(workdir, variant)
     saved_model.export_saved_model(fcdensenet.build_model(variant, number_channels=1, number_classes=2), path)
-    predict, metadata, _, _ = inference_fcdensenet.load_model(path, "tensorflow")
+    predict, metadata, _, _ = engines.load_model(path, "tensorflow")
     folders = {"large": [bench_inference.mosaic(4096)], "small": [bench_inference.mosaic(512)] * 64}
     figures = {}
     for label, images in folders.items():
@@ -60,15 +59,13 @@ def inference_figures(workdir, variant):
             tifffile.imwrite(os.path.join(folder, f"{index:03d}.tif"), image)
         paths = sorted(os.path.join(folder, name) for name in os.listdir(folder))
         for batch_size in ((0,) if label == "large" else (1, 0)):
-            args = inference_fcdensenet.parse_args(["--saved_model_filepath", path, "--image_folder", folder,
-                                                    "--output_folder", folder + "-out", "--batch_size",
-                                                    str(batch_size)])
-            args.image_format = "tif"
-            args.tile_size = tiling.check_tile_size(0, metadata["radius"], metadata["size_factor"])
-            os.makedirs(args.output_folder, exist_ok=True)
-            list(inference_runner.segment_images(paths[:2], predict, metadata, args))  # trace the shapes
+            options = inference_runner.RunnerOptions(
+                tile_size=tiling.check_tile_size(0, metadata["radius"], metadata["size_factor"]),
+                output_folder=folder + "-out", batch_size=batch_size)
+            os.makedirs(options.output_folder, exist_ok=True)
+            list(inference_runner.segment_images(paths[:2], predict, metadata, options))  # trace the shapes
             started = time.perf_counter()
-            results = list(inference_runner.segment_images(paths, predict, metadata, args))
+            results = list(inference_runner.segment_images(paths, predict, metadata, options))
             seconds = time.perf_counter() - started
             megapixels = sum(result.height * result.width for result in results) / 1e6
             figures[(label, batch_size)] = megapixels / seconds

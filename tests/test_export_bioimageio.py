@@ -26,6 +26,7 @@ from conftest import REPO_ROOT
 import export_bioimageio as exporter  # noqa: E402
 from fcdn.common import qc_pictures  # noqa: E402
 from fcdn.data import records  # noqa: E402
+from fcdn.export import bioimageio as package_export  # noqa: E402
 from fcdn.model import saved_model as saved_model_api  # noqa: E402
 
 SCRIPT = os.path.join(REPO_ROOT, "export_bioimageio.py")
@@ -58,10 +59,9 @@ def segment_array(image, predict, metadata):
     return segment(image, predict, metadata, tile_size=2048)
 
 
-def export(saved_model, output, *flags):
-    args = exporter.parse_args(["--saved_model_filepath", str(saved_model), "--output", str(output),
-                                "--project_url", "", *flags])
-    return exporter.export_package(args, log=lambda line: None)
+def export(saved_model, output, **options):
+    """The package through the Python API, with keywords."""
+    return package_export.export_package(saved_model, str(output), project_url="", log=lambda line: None, **options)
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +72,8 @@ def saved_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def package(saved_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("package")
-    return export(saved_model, folder / "model.bioimageio.zip", "--test_image", TEST_IMAGE,
-                  "--class_names", "background,cell", "--run_tests", "0")
+    return export(saved_model, folder / "model.bioimageio.zip", test_image=TEST_IMAGE,
+                  class_names=["background", "cell"], run_tests=False)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def description(package):
     from bioimageio.spec import load_description
     from bioimageio.spec.model import v0_5
 
-    with exporter.quiet_validation():
+    with package_export.quiet_validation():
         loaded = load_description(package, perform_io_checks=True)
     assert isinstance(loaded, v0_5.ModelDescr), loaded.validation_summary.format()
     return loaded
@@ -104,7 +104,7 @@ def test_bioimageio_core_test_model_passes(package, weight_format, tmp_path, mon
     from bioimageio.core import test_model
 
     monkeypatch.chdir(tmp_path)  # the TensorFlow backend unzips the bundle into the working directory
-    with exporter.quiet_validation():
+    with package_export.quiet_validation():
         summary = test_model(package, weight_format=weight_format)
     assert summary.status == "passed", summary.format()
     names = [detail.name for detail in summary.details if detail.status == "passed"]
@@ -234,18 +234,18 @@ def test_bundle_serves_a_dict_keyed_by_the_output_id(package, saved_model, tmp_p
 
 def test_fit_to_valid_size_crops_or_pads_to_minimum_plus_steps():
     image = np.arange(100 * 700).reshape(100, 700, 1)
-    fitted = exporter.fit_to_valid_size(image, minimum=224, step=32, largest=512)
+    fitted = package_export.fit_to_valid_size(image, minimum=224, step=32, largest=512)
     assert fitted.shape == (224, 512, 1)  # 100 -> padded to 224; 700 -> 512 = 224 + 9 * 32
     np.testing.assert_array_equal(fitted[:100, :, 0], image[:, 94:606, 0])  # centred crop
     np.testing.assert_array_equal(fitted[100:199, :, 0], image[-2::-1, 94:606, 0])  # reflected
-    assert exporter.fit_to_valid_size(image, minimum=224, step=32, largest=300).shape == (224, 288, 1)
+    assert package_export.fit_to_valid_size(image, minimum=224, step=32, largest=300).shape == (224, 288, 1)
 
 
 def test_tool_normalisation_equals_ours_where_std_exceeds_one():
     from fcdn.data import image_files
 
     image = real_image()
-    np.testing.assert_allclose(exporter.tool_normalize(image), image_files.zscore_normalize(image),
+    np.testing.assert_allclose(package_export.tool_normalize(image), image_files.zscore_normalize(image),
                                rtol=0, atol=1e-5)
 
 
@@ -261,8 +261,8 @@ def test_test_record_of_the_training_run_is_the_default_test_image(tmp_path):
     environment.close()
     saved_model = export_tiny_model(tmp_path / "trained", extra_metadata={
         "training": {"test_database": str(database), "epoch": 3, "mean_iou": 0.5}})
-    package = export(saved_model, tmp_path / "model.zip", "--weight_formats", "tensorflow_saved_model_bundle",
-                     "--run_tests", "0")
+    package = export(saved_model, tmp_path / "model.zip", weight_formats=["tensorflow_saved_model_bundle"],
+                     run_tests=False)
     with zipfile.ZipFile(package) as archive:
         test_input = np.load(io.BytesIO(archive.read("test_input.npy")))
         readme = archive.read("README.md").decode()
@@ -316,12 +316,34 @@ def test_refuses_a_test_image_with_other_channels_in_one_line(saved_model, tmp_p
     assert sorted(os.listdir(tmp_path)) == ["rgb.tif"]
 
 
+def test_a_failed_package_test_writes_nothing_and_says_so_in_one_line(saved_model, tmp_path, monkeypatch):
+    def failing_tests(package, weight_formats, folder):
+        raise RuntimeError("bioimageio.core test_model failed for tensorflow_saved_model_bundle: outputs differ\n"
+                           "details that the user does not need")
+
+    monkeypatch.setattr(package_export, "run_model_tests", failing_tests)
+    target = tmp_path / "model.zip"
+    message = run_main("--saved_model_filepath", saved_model, "--output", str(target), "--test_image", TEST_IMAGE,
+                       "--weight_formats", "tensorflow_saved_model_bundle", "--project_url", "")
+    assert message == (f"error: {target}: not written: bioimageio.core test_model failed for "
+                       f"tensorflow_saved_model_bundle: outputs differ")
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_script_tells_its_version(capsys):
+    import fcdn
+
+    with pytest.raises(SystemExit) as exit_info:
+        exporter.parse_args(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.endswith(f" {fcdn.__version__}\n")
+
+
 def test_replaces_an_existing_package(package, saved_model, tmp_path):
     target = tmp_path / "model.zip"
     with zipfile.ZipFile(package) as source, zipfile.ZipFile(target, "w") as copy:
         copy.writestr("rdf.yaml", source.read("rdf.yaml"))  # a package, if an incomplete one
-    export(saved_model, target, "--test_image", TEST_IMAGE, "--weight_formats", "tensorflow_saved_model_bundle",
-           "--run_tests", "0", "--name", "Replaced model")
+    export(saved_model, target, test_image=TEST_IMAGE, weight_formats="tensorflow_saved_model_bundle",
+           run_tests=False, name="Replaced model")
     with zipfile.ZipFile(target) as archive:
         assert "tf_saved_model.zip" in archive.namelist()
         assert "Replaced model" in archive.read("rdf.yaml").decode()

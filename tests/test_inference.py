@@ -11,7 +11,6 @@ import pytest
 import tifffile
 from conftest import last_line, run_inference
 
-import inference_fcdensenet as inference
 from fcdn.data import image_files, image_sources
 from fcdn.inference import mask_writers, segmentation, tiling
 from fcdn.inference import runner as inference_runner
@@ -237,9 +236,8 @@ def test_streamed_tiff_with_rectangular_tiles_equals_the_in_memory_mask(gray_mod
     assert grid.tile_shape[0] != grid.tile_shape[1] and len(grid.rows) > 1
     path = str(tmp_path / "slide.tif")
     tifffile.imwrite(path, image, tile=(128, 128), compression="zlib")
-    settings = inference.parse_args(["--saved_model_filepath", "unused", "--image_folder", str(tmp_path),
-                                      "--output_folder", str(tmp_path), "--tile_size", "512", "--batch_size", "4",
-                                      "--streaming_megapixels", "0.1"])
+    settings = inference_runner.RunnerOptions(tile_size=512, output_folder=str(tmp_path), batch_size=4,
+                                              streaming_megapixels=0.1)
     source = image_sources.open_source(path, settings.streaming_megapixels)
     assert isinstance(source, image_sources.TiffSource)  # read band by band, not whole
     source.close()

@@ -1,4 +1,4 @@
-"""inference_engines.py: OpenVINO gives TensorFlow's masks, its conversion cache, and bad input.
+"""fcdn/inference/engines.py: OpenVINO gives TensorFlow's masks, its conversion cache, and bad input.
 
 The models are untrained (random weights): FCDenseNet56, 67 and 103 on a small image, and the tiny
 FC-DenseNet of conftest.py through the script's tiled, streamed path.
@@ -174,7 +174,7 @@ def read_only_command(command, folder):
 @pytest.mark.slow
 def test_read_only_model_folder_converts_in_memory(gray_model, tmp_path):
     path = copy_model(gray_model[0], str(tmp_path))
-    check = ("import sys, numpy as np, inference_engines as e; "
+    check = ("import sys, numpy as np; from fcdn.inference import engines as e; "
              "p, _, name = e.load_predictor(sys.argv[1], 'openvino'); "
              "print(name, float(p(np.ones((1, 64, 64, 1), np.float32)).max()))")
     command = read_only_command([sys.executable, "-c", check, path], path)

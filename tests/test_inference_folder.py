@@ -12,7 +12,7 @@ import tifffile
 from conftest import INFERENCE_SCRIPT, REPO_ROOT, fill_disk, last_line, mounted_tmpfs, run_inference
 
 import inference_fcdensenet as inference
-from fcdn.inference import pipeline, segmentation
+from fcdn.inference import pipeline, segmentation, segmenter
 from fcdn.inference import runner as inference_runner
 
 
@@ -45,8 +45,9 @@ def test_prefetch_keeps_order_and_raises_the_producers_error_after_its_items():
 
 def test_job_array_parts_come_from_the_flags_or_slurm():
     def part(flags, environment):
-        return inference.job_array_part(inference.parse_args(
-            ["--saved_model_filepath", "m", "--image_folder", "i", "--output_folder", "o", *flags]), environment)
+        args = inference.parse_args(["--saved_model_filepath", "m", "--image_folder", "i", "--output_folder", "o",
+                                     *flags])
+        return segmenter.job_array_part(args.num_parts, args.part_id, environment)
 
     assert part([], {}) == (1, 0)
     assert part(["--num_parts", "3", "--part_id", "2"], {}) == (3, 2)
@@ -74,13 +75,11 @@ def test_small_images_of_one_shape_share_forward_passes_and_get_their_own_masks(
         calls.append(len(batch))
         return predict(batch)
 
-    args = inference.parse_args(["--saved_model_filepath", "unused", "--image_folder", str(tmp_path / "images"),
-                                 "--output_folder", str(tmp_path / "masks"), "--tile_size", "288"])
-    args.image_format = "tif"
-    os.makedirs(args.output_folder)
+    options = inference_runner.RunnerOptions(tile_size=288, output_folder=str(tmp_path / "masks"))
+    os.makedirs(options.output_folder)
     names = sorted(images)
     results = list(inference_runner.segment_images([str(tmp_path / "images" / name) for name in names],
-                                                   counted, metadata, args))
+                                                   counted, metadata, options))
     assert [os.path.basename(result.path) for result in results] == names
     assert all(result.error is None for result in results)
     # large.tif: tiles of 288x288, one a pass; then each 96x128 image is one 96x128 tile and six fit in

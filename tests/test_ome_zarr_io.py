@@ -482,7 +482,6 @@ def tiny_model(tmp_path_factory):
 def test_labels_equal_the_mask_inference_writes_for_the_tiff(tmp_path, tiny_model, version):
     import tifffile
 
-    import inference_fcdensenet as inference
     from fcdn.inference import runner as inference_runner
     from fcdn.inference import segmentation, tiling
 
@@ -495,9 +494,8 @@ def test_labels_equal_the_mask_inference_writes_for_the_tiff(tmp_path, tiny_mode
     tiff = str(tmp_path / "images" / "image.tif")
     tifffile.imwrite(tiff, image)
     tile_size = tiling.check_tile_size(288, metadata["radius"], metadata["size_factor"])
-    args = inference.parse_args(["--saved_model_filepath", "unused", "--image_folder", str(tmp_path / "images"),
-                                  "--output_folder", str(tmp_path / "masks"), "--tile_size", str(tile_size)])
-    inference_runner.segment_file(tiff, predict, metadata, args)  # the TIFF path
+    options = inference_runner.RunnerOptions(tile_size=tile_size, output_folder=str(tmp_path / "masks"))
+    inference_runner.segment_file(tiff, predict, metadata, options)  # the TIFF path
     expected = tifffile.imread(str(tmp_path / "masks" / "image.tif"))
     path = write_ome_zarr(tmp_path / "image.zarr", image, "yx", version)
     with ome_zarr_io.ZarrSource.open(path) as source:  # the same steps, from the zarr

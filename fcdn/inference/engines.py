@@ -3,13 +3,15 @@
     predict, metadata, engine = load_predictor("runs/x/saved_model")              # "auto"
     predict, metadata, engine = load_predictor("runs/x/saved_model", "tensorflow")
     softmax = predict(batch)   # as saved_model.load_saved_model's predict: float32 NHWC in, softmax out
+    predict, metadata, device_names, engine = load_model("runs/x/saved_model")   # every visible device
 
 "auto" picks OpenVINO when TensorFlow sees no GPU and the openvino package imports, else TensorFlow.
 OpenVINO reads the SavedModel itself (openvino.convert_model); the converted model (IR: model.xml and
 model.bin) is cached in an `openvino/` folder inside the SavedModel when that folder is writable, keyed
 by a hash of the SavedModel's files and the OpenVINO version, so a re-exported model or another
 OpenVINO is converted again; in a read-only folder the conversion is done once per load, in memory.
-The model is compiled once for dynamic batch, height and width, in float32.
+The model is compiled once for dynamic batch, height and width, in float32. load_model spreads a
+TensorFlow model over every visible device (or the devices named) instead, when there are several.
 """
 
 import hashlib
@@ -19,12 +21,42 @@ import os
 
 import numpy as np
 
-from fcdn.common import atomic_files
+from fcdn.common import atomic_files, errors
 
 ENGINES = ("auto", "openvino", "tensorflow")
 CACHE_FOLDER = "openvino"
 CACHE_KEY_FILE = "source.json"
 IR_NAME = "model.xml"
+
+
+def check_engine(engine):
+    """ValueError unless `engine` is one of ENGINES."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
+
+
+def load_model(path, engine="auto", device_names=None):
+    """(predict, metadata, device names, engine name): OpenVINO on the CPU (see load_predictor), or a
+    TensorFlow copy of the model on every device of `device_names` (TensorFlow device names; None:
+    every visible device). ValueError (one line) for a missing or bad model or engine."""
+    path = os.fspath(path)
+    check_engine(engine)
+    if not os.path.isdir(path):
+        raise ValueError(f"{path}: SavedModel folder does not exist")
+    from fcdn.common import devices
+    from fcdn.model import saved_model
+
+    if device_names is not None and engine == "openvino":
+        raise ValueError("OpenVINO runs on the CPU: name TensorFlow devices with the tensorflow engine")
+    names = list(device_names) if device_names is not None else devices.inference_devices()
+    if engine == "openvino" or (engine == "auto" and device_names is None and len(names) == 1):
+        predict, metadata, chosen = load_predictor(path, engine)
+        return predict, metadata, (["CPU"] if chosen == "openvino" else names), chosen
+    # named devices get their copy placed there; the one visible device needs no placement
+    placed = device_names is not None or len(names) > 1
+    loaded = [saved_model.load_saved_model(path, device if placed else None) for device in names]
+    predict = devices.DevicePool([function for function, _ in loaded]) if len(loaded) > 1 else loaded[0][0]
+    return predict, loaded[0][1], names, "tensorflow"
 
 
 def load_predictor(saved_model_path, engine="auto"):
@@ -35,8 +67,7 @@ def load_predictor(saved_model_path, engine="auto"):
     OpenVINO cannot convert.
     """
     path = os.fspath(saved_model_path)
-    if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    check_engine(engine)
     from fcdn.model import saved_model  # here, not at the top: the scripts' --help and flag errors start no TensorFlow
 
     metadata = saved_model.read_metadata(path)
@@ -57,7 +88,7 @@ def _import_openvino():
     try:
         return importlib.import_module("openvino"), None
     except Exception as error:  # an ImportError, or whatever a half-installed package raises
-        return None, (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return None, errors.gist(error)
 
 
 def _tensorflow_sees_a_gpu():
@@ -94,8 +125,8 @@ def _convert(openvino, path, metadata):
     try:
         model = openvino.convert_model(path)
     except Exception as error:  # the converter raises its own types; the user needs the model and the way out
-        gist = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ValueError(f"{path}: OpenVINO cannot convert this SavedModel ({gist}); {advice}") from None
+        raise ValueError(f"{path}: OpenVINO cannot convert this SavedModel ({errors.gist(error)}); "
+                         f"{advice}") from None
     channels = metadata["number_channels"]
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise ValueError(f"{path}: OpenVINO found {len(model.inputs)} input(s) and {len(model.outputs)} "

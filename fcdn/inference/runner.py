@@ -1,6 +1,7 @@
 """Segmenting a list of images: each one prepared ahead of the model, small ones batched together.
 
-    for result in segment_images(paths, predict, metadata, args):
+    options = RunnerOptions(tile_size=2048, output_folder="out/masks")
+    for result in segment_images(paths, predict, metadata, options):
         print(result.path, result.error or f"{result.height}x{result.width}")
 
 An image is prepared (opened, checked against the model, its outputs chosen and checked, its
@@ -8,8 +9,8 @@ normalisation statistics computed) in a background thread while the model runs o
 before it. Consecutive images that fit one tile of the same shape run through the model together,
 up to the batch budget of every device; larger images run tile by tile. Each image's outputs (mask
 or NGFF label, probability map, QC overlay) are written in threads of their own (pipeline.fan_out).
-`args` carries the script's flags: output_folder, image_format, label_name, save_probabilities,
-overlay_folder, tile_size, batch_size, streaming_megapixels.
+A path ending in .zarr is an OME-Zarr image whose labels go inside it (or, with an output folder,
+beside the masks); any other path is an image file.
 """
 
 import dataclasses
@@ -18,7 +19,7 @@ import time
 
 import numpy as np
 
-from fcdn.common import qc_pictures
+from fcdn.common import errors, qc_pictures
 from fcdn.data import image_files, image_sources, ome_zarr_io
 from fcdn.inference import mask_writers, pipeline, segmentation, tiling
 
@@ -27,9 +28,23 @@ from fcdn.inference import mask_writers, pipeline, segmentation, tiling
 LOOK_AHEAD = 2
 
 
+@dataclasses.dataclass(frozen=True)
+class RunnerOptions:
+    """How images are read and cut into tiles, and what is written for each of them."""
+
+    tile_size: int  # already checked against the model's radius (tiling.check_tile_size)
+    output_folder: str = None  # None: OME-Zarr images keep their labels inside; other images need one
+    batch_size: int = 0  # tiles per forward pass; 0: as many as fit in tile_size x tile_size pixels
+    streaming_megapixels: float = 64.0  # TIFF images this large are read and written tile by tile
+    label_name: str = ome_zarr_io.DEFAULT_LABEL_NAME
+    save_probabilities: bool = False
+    overlay_folder: str = None
+
+
 @dataclasses.dataclass
 class ImageResult:
-    """What became of one image: its size and tile count, or the error that stopped it."""
+    """What became of one image: its size and tile count, or the error that stopped it; with ground
+    truth, its confusion matrix."""
 
     path: str
     height: int = 0
@@ -37,6 +52,17 @@ class ImageResult:
     tiles: int = 0
     seconds: float = 0.0
     error: Exception = None
+    confusion: np.ndarray = None
+
+    @property
+    def failure(self):
+        """The one-line `path: why` of a failed image, or None."""
+        return None if self.error is None else errors.with_path(self.path, self.error)
+
+
+def is_zarr_image(path):
+    """Whether a path names an OME-Zarr image (a .zarr folder) rather than an image file."""
+    return os.path.normpath(path).lower().endswith(".zarr")
 
 
 @dataclasses.dataclass
@@ -57,44 +83,44 @@ class ImageJob:
         return self.grid.tile_count == 1
 
 
-def open_image(path, args):
+def open_image(path, options):
     """The image source of a file (or of an OME-Zarr folder)."""
-    if args.image_format == "zarr":
+    if is_zarr_image(path):
         return ome_zarr_io.ZarrSource.open(path)
-    return image_sources.open_source(path, args.streaming_megapixels)
+    return image_sources.open_source(path, options.streaming_megapixels)
 
 
-def mask_consumer(source, name, dtype, number_classes, args):
+def mask_consumer(source, name, dtype, number_classes, options):
     """The consumer of the mask's bands: a mask file, or an NGFF label image (checked here, before any work)."""
     height, width, _ = source.shape
-    if args.image_format != "zarr":
-        mask = mask_writers.mask_writer(args.output_folder, name)
+    if not is_zarr_image(name):
+        mask = mask_writers.mask_writer(options.output_folder, name)
         return lambda bands: mask.write(bands, (height, width), dtype, source.streamed, source.pixel_size)
-    target = ome_zarr_io.label_target(source, args.label_name, args.output_folder)
+    target = ome_zarr_io.label_target(source, options.label_name, options.output_folder)
 
     def write_labels(bands):
-        written = ome_zarr_io.write_labels(source, bands, dtype, number_classes, args.label_name,
-                                           args.output_folder)
+        written = ome_zarr_io.write_labels(source, bands, dtype, number_classes, options.label_name,
+                                           options.output_folder)
         if written.replaced:
             print(f"note: {target}: replaced the earlier label image of that name", flush=True)
 
     return write_labels
 
 
-def output_consumers(source, name, metadata, args):
+def output_consumers(source, name, metadata, options):
     """What is made of one image's probabilities: (segmentation.Output, consumer of its bands) pairs."""
     height, width, _ = source.shape
     number_classes = metadata["number_classes"]
     dtype = image_files.mask_dtype(number_classes - 1)
     pairs = [(segmentation.Output(segmentation.argmax_labels, dtype),
-              mask_consumer(source, name, dtype, number_classes, args))]
-    if args.save_probabilities:
-        probabilities = mask_writers.probabilities_writer(args.output_folder, name)
+              mask_consumer(source, name, dtype, number_classes, options))]
+    if options.save_probabilities:
+        probabilities = mask_writers.probabilities_writer(options.output_folder, name)
         pairs.append((segmentation.Output(segmentation.quantised_probabilities, np.uint8),
                       lambda bands: probabilities.write(bands, (height, width, number_classes), np.uint8,
                                                         source.streamed, source.pixel_size)))
-    if args.overlay_folder is not None:  # no reduction of its own: it draws the mask over the image
-        pairs.append((None, overlay_consumer(source, name, args.overlay_folder)))
+    if options.overlay_folder is not None:  # no reduction of its own: it draws the mask over the image
+        pairs.append((None, overlay_consumer(source, name, options.overlay_folder)))
     return pairs
 
 
@@ -111,33 +137,33 @@ def overlay_consumer(source, name, overlay_folder):
     return build
 
 
-def output_paths(name, args):
-    """The files an image's outputs are written to (what --skip_existing looks for)."""
-    if args.image_format == "zarr":
-        stem = name[:-len(".zarr")] if name.lower().endswith(".zarr") else name
-        paths = [os.path.join(args.image_folder, name, "labels", args.label_name) if args.output_folder is None
-                 else os.path.join(args.output_folder, stem + ".zarr")]
+def output_paths(path, options):
+    """The files an image's outputs are written to (what skipping existing outputs looks for)."""
+    name = os.path.basename(os.path.normpath(path))
+    if is_zarr_image(path):
+        paths = [os.path.join(path, "labels", options.label_name) if options.output_folder is None
+                 else os.path.join(options.output_folder, name[:-len(".zarr")] + ".zarr")]
     else:
-        paths = [mask_writers.output_path(args.output_folder, name)]
-    if args.save_probabilities:
-        paths.append(mask_writers.probabilities_path(args.output_folder, name))
-    if args.overlay_folder is not None:
-        paths.append(os.path.join(args.overlay_folder, os.path.splitext(name)[0] + ".png"))
+        paths = [mask_writers.output_path(options.output_folder, name)]
+    if options.save_probabilities:
+        paths.append(mask_writers.probabilities_path(options.output_folder, name))
+    if options.overlay_folder is not None:
+        paths.append(os.path.join(options.overlay_folder, os.path.splitext(name)[0] + ".png"))
     return paths
 
 
-def prepare_image(path, metadata, args):
+def prepare_image(path, metadata, options):
     """Open an image, check it, choose its outputs and compute its statistics: an ImageJob."""
     started = time.perf_counter()
     name = os.path.basename(os.path.normpath(path))
-    source = open_image(path, args)
+    source = open_image(path, options)
     try:
         height, width, channels = source.shape
         if channels != metadata["number_channels"]:
             raise image_files.ImageFileError(
                 f"{path}: image has {channels} channel(s), the model expects {metadata['number_channels']}")
-        grid = tiling.tile_grid(height, width, args.tile_size, metadata["radius"], metadata["size_factor"])
-        outputs, consumers = zip(*output_consumers(source, name, metadata, args))
+        grid = tiling.tile_grid(height, width, options.tile_size, metadata["radius"], metadata["size_factor"])
+        outputs, consumers = zip(*output_consumers(source, name, metadata, options))
         mean, std = source.statistics()
     except BaseException:
         source.close()
@@ -162,20 +188,20 @@ def finish_image(job, tiles):
     return ImageResult(job.path, height, width, job.grid.tile_count, time.perf_counter() - job.started)
 
 
-def segment_file(path, predict, metadata, args):
+def segment_file(path, predict, metadata, options):
     """Segment one image and write its outputs; returns (height, width, tile count)."""
-    job = prepare_image(path, metadata, args)
-    batch_size = tiling.tiles_per_batch(args.batch_size, job.grid.tile_shape, args.tile_size)
+    job = prepare_image(path, metadata, options)
+    batch_size = tiling.tiles_per_batch(options.batch_size, job.grid.tile_shape, options.tile_size)
     tiles = segmentation.tile_probabilities(job.source, job.grid, predict, job.mean, job.std, batch_size)
     result = finish_image(job, tiles)
     return result.height, result.width, result.tiles
 
 
-def prepared(paths, metadata, args):
+def prepared(paths, metadata, options):
     """(path, ImageJob or None, error or None) for every path, in order."""
     for path in paths:
         try:
-            yield path, prepare_image(path, metadata, args), None
+            yield path, prepare_image(path, metadata, options), None
         except Exception as error:  # one bad image must not stop the others
             yield path, None, error
 
@@ -198,9 +224,9 @@ def groups(prepared_images, budget):
         yield group, None
 
 
-def run_group(group, predict, args):
+def run_group(group, predict, options):
     """Segment a group of jobs (several single-tile ones batched, or one of many tiles)."""
-    batch_size = tiling.tiles_per_batch(args.batch_size, group[0].grid.tile_shape, args.tile_size)
+    batch_size = tiling.tiles_per_batch(options.batch_size, group[0].grid.tile_shape, options.tile_size)
     if not group[0].single_tile:
         job = group[0]
         yield finish_image(job, segmentation.tile_probabilities(job.source, job.grid, predict, job.mean, job.std,
@@ -214,18 +240,18 @@ def run_group(group, predict, args):
             yield ImageResult(group[index].path, error=error)
 
 
-def segment_images(paths, predict, metadata, args, device_count=1):
+def segment_images(paths, predict, metadata, options, device_count=1):
     """An ImageResult per path, in order; the next images are prepared while the model runs."""
     def budget(job):  # images per group: a batch for every device
-        return tiling.tiles_per_batch(args.batch_size, job.grid.tile_shape, args.tile_size) * device_count
+        return tiling.tiles_per_batch(options.batch_size, job.grid.tile_shape, options.tile_size) * device_count
 
-    for group, error in groups(pipeline.prefetch(prepared(paths, metadata, args), LOOK_AHEAD), budget):
+    for group, error in groups(pipeline.prefetch(prepared(paths, metadata, options), LOOK_AHEAD), budget):
         if error is not None:
             yield ImageResult(group[0], error=error)
             continue
         done = 0
         try:
-            for result in run_group(group, predict, args):
+            for result in run_group(group, predict, options):
                 done += 1
                 yield result
         except Exception as failure:  # the model failed: the group's other images fail, the rest go on

@@ -17,7 +17,7 @@ import keras
 import tensorflow as tf
 
 import fcdensenet
-from fcdn.common import atomic_files
+from fcdn.common import atomic_files, errors
 from fcdn.data.records import SIZE_FACTOR
 from fcdn.model import receptive_field
 
@@ -128,8 +128,7 @@ def load_saved_model(path, device=None):
             loaded = tf.saved_model.load(os.fspath(path))
         serve = getattr(loaded, metadata.get("serving_endpoint", SERVING_ENDPOINT))
     except Exception as error:  # TF raises many types here; the user needs the path and the gist
-        gist = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{path}: cannot load the SavedModel: {gist}") from None
+        raise ValueError(f"{path}: cannot load the SavedModel: {errors.gist(error)}") from None
     channels = metadata["number_channels"]
 
     def predict(batch):
