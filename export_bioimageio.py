@@ -16,7 +16,6 @@ into place. fcdn/export/bioimageio.py does the work (export_package, the same fr
 keywords) and says what each part holds. Needs the optional dependencies of requirements-bioimageio.txt.
 """
 
-import sys
 
 import fcdn
 from fcdn.common import errors, startup
@@ -74,9 +73,9 @@ def main(argv=None):
     try:
         export_package(args)
     except ValueError as error:  # a bad flag, model or test image, or a failed conversion or test: nothing written
-        sys.exit(f"error: {errors.gist(error)}")
+        errors.fail(errors.gist(error))
     except OSError as error:  # a folder that cannot be written, a full disk
-        sys.exit(f"error: {error.filename or args.output}: {errors.gist(error)}")
+        errors.fail(f"{error.filename or args.output}: {errors.gist(error)}")
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ def main(argv=None):
             label_name=args.label_name, mask_folder=args.mask_folder, skip_existing=args.skip_existing,
             num_parts=args.num_parts, part_id=args.part_id, progress=True)
     except ValueError as error:  # a flag, the image folder or the model: one line, before any mask is written
-        sys.exit(f"error: {error}")
+        errors.fail(error)
     failures = [result.failure for result in results if result.error is not None]
     if failures:
         print("failed images:\n" + "\n".join(f"  {message}" for message in failures), file=sys.stderr)

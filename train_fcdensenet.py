@@ -132,7 +132,7 @@ def add_run_flags(parser):
     parser.add_argument("--log_every_n_steps", type=int, default=100, help="steps between progress lines")
     parser.add_argument("--export_bioimageio", type=int, default=0, choices=(0, 1),
                         help=f"1: when the run finishes, also write output_dir/{BIOIMAGEIO_PACKAGE}, a BioImage "
-                             "Model Zoo package of the best model (export_bioimageio.py; needs "
+                             "Model Zoo package of the best model (as export_bioimageio.py; needs "
                              "requirements-bioimageio.txt)")
 
 
@@ -188,9 +188,9 @@ def check_args(args):
         if not os.path.isdir(path):
             raise ValueError(f"{path}: no such database (an LMDB directory written by build_lmdb.py)")
     if args.export_bioimageio:  # fail now rather than after the training
-        import export_bioimageio
+        from fcdn.export import bioimageio
 
-        export_bioimageio.check_dependencies()
+        bioimageio.check_dependencies()
     if args.mixed_precision and not tf.config.list_physical_devices("GPU"):
         raise ValueError("--mixed_precision 1 needs a GPU (float16 compute is slower than float32 on "
                          "the CPU, and this machine shows no GPU to TensorFlow)")

@@ -316,6 +316,7 @@ def test_refuses_a_test_image_with_other_channels_in_one_line(saved_model, tmp_p
     assert sorted(os.listdir(tmp_path)) == ["rgb.tif"]
 
 
+@pytest.mark.slow
 def test_a_failed_package_test_writes_nothing_and_says_so_in_one_line(saved_model, tmp_path, monkeypatch):
     def failing_tests(package, weight_formats, folder):
         raise RuntimeError("bioimageio.core test_model failed for tensorflow_saved_model_bundle: outputs differ\n"

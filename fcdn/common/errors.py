@@ -38,7 +38,10 @@ def with_path(path, error):
 
 
 def fail(message, status=1):
-    """Ends the script with `error: message` on stderr and a non-zero exit status."""
+    """Ends the script with `error: message` on stderr and a non-zero exit status. With status 1 the
+    message travels in SystemExit, as sys.exit(text) does, so a caller of main() can read it."""
+    if status == 1:
+        raise SystemExit(f"error: {message}")
     print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(status)
 

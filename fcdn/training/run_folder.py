@@ -247,12 +247,6 @@ def first_records(database, count):
 def export_bioimageio_package(output_dir):
     """--export_bioimageio 1: the finished run's best model as output_dir/model.bioimageio.zip, its test
     image the first record of the test database; ValueError (one line) if the export fails."""
-    import export_bioimageio
+    from fcdn.export import bioimageio
 
-    target = os.path.join(output_dir, BIOIMAGEIO_PACKAGE)
-    export_args = export_bioimageio.parse_args(
-        ["--saved_model_filepath", os.path.join(output_dir, SAVED_MODEL_DIR), "--output", target])
-    try:
-        export_bioimageio.export_package(export_args)
-    except RuntimeError as error:  # a conversion or a test of the package failed
-        raise ValueError(f"{target}: not written: {str(error).splitlines()[0]}") from None
+    bioimageio.export_package(os.path.join(output_dir, SAVED_MODEL_DIR), os.path.join(output_dir, BIOIMAGEIO_PACKAGE))
