@@ -78,6 +78,10 @@ def parse_args(argv=None):
                         help="optional folder for quality-control pictures: <stem>.png per image, the image "
                              "contrast-stretched with each class's outline in its own colour, at most 2048 "
                              "pixels on the long side")
+    parser.add_argument("--measure_objects", type=int, default=0, choices=(0, 1),
+                        help="1: also write <stem>_objects.csv beside each mask (the objects of each class: "
+                             "area, centroid, bounding box, perimeter, shape, intensity of each channel; as "
+                             "measure_objects.py) and objects_summary.csv, measured from the mask as it is written")
     parser.add_argument("--num_parts", type=int, default=None,
                         help="split the sorted image list into this many parts and segment one (a job array "
                              "task each); unset: SLURM_ARRAY_TASK_COUNT under a SLURM job array, else 1")
@@ -107,6 +111,7 @@ def main(argv=None):
                               log=functools.partial(print, flush=True))
         results = segmenter.segment_files(
             paths, args.output_folder, overlay_folder=args.overlay_folder, save_probabilities=args.save_probabilities,
+            measure_objects=args.measure_objects,
             label_name=args.label_name, mask_folder=args.mask_folder, skip_existing=args.skip_existing,
             num_parts=args.num_parts, part_id=args.part_id, progress=True)
     except ValueError as error:  # a flag, the image folder or the model: one line, before any mask is written

@@ -22,6 +22,7 @@ import numpy as np
 from fcdn.common import errors, qc_pictures
 from fcdn.data import image_files, image_sources, ome_zarr_io
 from fcdn.inference import mask_writers, pipeline, segmentation, tiling
+from fcdn.measure import banded, tables
 
 # images prepared ahead of the model: the next one's statistics pass (a whole read of a large image)
 # overlaps the model's work on the current one; more would hold more images in memory
@@ -39,6 +40,7 @@ class RunnerOptions:
     label_name: str = ome_zarr_io.DEFAULT_LABEL_NAME
     save_probabilities: bool = False
     overlay_folder: str = None
+    measure_objects: bool = False  # an object table <stem>_objects.csv beside each mask
 
 
 @dataclasses.dataclass
@@ -119,8 +121,11 @@ def output_consumers(source, name, metadata, options):
         pairs.append((segmentation.Output(segmentation.quantised_probabilities, np.uint8),
                       lambda bands: probabilities.write(bands, (height, width, number_classes), np.uint8,
                                                         source.streamed, source.pixel_size)))
-    if options.overlay_folder is not None:  # no reduction of its own: it draws the mask over the image
+    # these have no reduction of their own: they take the mask's rows with the image's
+    if options.overlay_folder is not None:
         pairs.append((None, overlay_consumer(source, name, options.overlay_folder)))
+    if options.measure_objects:
+        pairs.append((None, objects_consumer(source, name, options.output_folder)))
     return pairs
 
 
@@ -137,6 +142,21 @@ def overlay_consumer(source, name, overlay_folder):
     return build
 
 
+def objects_consumer(source, name, output_folder):
+    """A consumer of (first row, image rows, mask rows) that writes the image's object table, measured
+    from the bands as they are written (never by reading the mask back)."""
+    height, width, channels = source.shape
+    path = os.path.join(output_folder, tables.table_name(name))
+
+    def measure(items):
+        table = banded.BandedObjects(width, channels)
+        for start, image_rows, mask_rows in items:
+            table.add(start, mask_rows, image_rows)
+        tables.write_table(path, table.finish(), tables.pixel_size_um(source))
+
+    return measure
+
+
 def output_paths(path, options):
     """The files an image's outputs are written to (what skipping existing outputs looks for)."""
     name = os.path.basename(os.path.normpath(path))
@@ -149,6 +169,8 @@ def output_paths(path, options):
         paths.append(mask_writers.probabilities_path(options.output_folder, name))
     if options.overlay_folder is not None:
         paths.append(os.path.join(options.overlay_folder, os.path.splitext(name)[0] + ".png"))
+    if options.measure_objects:
+        paths.append(os.path.join(options.output_folder, tables.table_name(name)))
     return paths
 
 
@@ -171,16 +193,20 @@ def prepare_image(path, metadata, options):
     return ImageJob(path, source, grid, mean, std, outputs, consumers, started)
 
 
+def with_image_rows(bands, source, count):
+    """Each band's arrays, then `count` times (first row, the image's rows, the mask's rows)."""
+    for start, arrays in bands:
+        rows = source.rows(start, start + len(arrays[0]))
+        yield arrays + [(start, rows, arrays[0])] * count
+
+
 def finish_image(job, tiles):
     """Reduce an image's tiles into its outputs and write them; returns its ImageResult."""
     height, width, _ = job.source.shape
     reductions = [output for output in job.outputs if output is not None]
     bands = segmentation.assemble_bands(tiles, job.grid, width, reductions)
-    if job.outputs[-1] is None:  # the overlay: it wants the image's rows beside the mask's
-        items = (arrays + [(start, job.source.rows(start, start + len(arrays[0])), arrays[0])]
-                 for start, arrays in bands)
-    else:
-        items = (arrays for _, arrays in bands)
+    with_rows = len(job.outputs) - len(reductions)  # the overlay and the object table, last
+    items = with_image_rows(bands, job.source, with_rows) if with_rows else (arrays for _, arrays in bands)
     try:
         pipeline.fan_out(items, job.consumers)
     finally:

@@ -26,6 +26,7 @@ from fcdn.data import image_files, ome_zarr_io
 from fcdn.inference import engines, mask_writers, runner, segmentation, tiling
 from fcdn.inference.progress import Progress
 from fcdn.inference.runner import ImageResult, RunnerOptions
+from fcdn.measure import tables
 
 __all__ = ["Segmenter", "ImageResult", "image_paths", "job_array_part"]
 
@@ -86,9 +87,20 @@ def check_outputs(paths, options, mask_folder=None):
     if options.save_probabilities and lossy:
         raise ValueError(f"--save_probabilities 1 needs tif images (probability maps are TIFFs with one channel "
                          f"per class), not {os.path.splitext(lossy[0])[1].lower()}")
+    if options.measure_objects and zarr_paths and options.output_folder is None:
+        raise ValueError("--measure_objects 1 with zarr images needs --output_folder (the object tables are "
+                         "written there)")
     if options.save_probabilities and zarr_paths and options.output_folder is None:
         raise ValueError("--save_probabilities 1 with zarr images needs --output_folder (the probability maps "
                          "are TIFFs written there)")
+
+
+def write_objects_summary(paths, options):
+    """objects_summary.csv from the object tables of the listed images that exist: each job-array
+    part rewrites it whole, and the last to finish leaves it complete."""
+    table_paths = [path for path in (os.path.join(options.output_folder, tables.table_name(os.path.basename(
+        os.path.normpath(image)))) for image in paths) if os.path.isfile(path)]
+    tables.write_summary(os.path.join(options.output_folder, tables.SUMMARY_FILE), table_paths)
 
 
 def make_folders(options):
@@ -170,7 +182,7 @@ class Segmenter:
         return self
 
     def segment_files(self, image_paths, output_folder=None, *, overlay_folder=None, save_probabilities=False,
-                      label_name=ome_zarr_io.DEFAULT_LABEL_NAME, mask_folder=None, skip_existing=False,
+                      measure_objects=False, label_name=ome_zarr_io.DEFAULT_LABEL_NAME, mask_folder=None, skip_existing=False,
                       num_parts=1, part_id=0, progress=False):
         """Segment image files (tif, png, jpg) and OME-Zarr images (.zarr folders); returns an ImageResult
         per image segmented, in order.
@@ -178,6 +190,8 @@ class Segmenter:
         output_folder: masks under the images' file names (jpg images get png masks); zarr images
         without one get their NGFF label image `labels/<label_name>` inside. overlay_folder: a QC
         picture <stem>.png per image. save_probabilities: <stem>_probabilities.tif beside each mask.
+        measure_objects: <stem>_objects.csv beside each mask and objects_summary.csv over every table
+        of the images listed (those of other job-array parts included).
         mask_folder: ground-truth masks to score the masks against (each result's confusion matrix,
         and a scores line). skip_existing: leave the images whose outputs all exist. num_parts,
         part_id: segment every num_parts-th image from part_id (None: from a SLURM job array).
@@ -185,20 +199,23 @@ class Segmenter:
         """
         options = RunnerOptions(tile_size=self.tile_size, output_folder=output_folder, batch_size=self.batch_size,
                                 streaming_megapixels=self.streaming_megapixels, label_name=label_name,
-                                save_probabilities=bool(save_probabilities), overlay_folder=overlay_folder)
+                                save_probabilities=bool(save_probabilities), overlay_folder=overlay_folder,
+                                measure_objects=bool(measure_objects))
         if isinstance(image_paths, (str, os.PathLike)):
             raise ValueError(f"{os.fspath(image_paths)}: give a list of image paths (image_paths(folder, format) "
                              f"lists a folder's)")
         paths = [os.fspath(path) for path in image_paths]
         check_outputs(paths, options, mask_folder)
-        paths = self._share(paths, num_parts, part_id, skip_existing, options)
+        mine = self._share(paths, num_parts, part_id, skip_existing, options)
         self.load()
         options = dataclasses.replace(options, tile_size=self.tile_size)
         make_folders(options)
         self._log_setup(options)
         started = time.perf_counter()
-        results = self._run(paths, options, mask_folder, progress)
+        results = self._run(mine, options, mask_folder, progress)
         self._log_summary(results, time.perf_counter() - started, mask_folder)
+        if options.measure_objects:
+            write_objects_summary(paths, options)
         return results
 
     def _share(self, paths, num_parts, part_id, skip_existing, options):

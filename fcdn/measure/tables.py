@@ -38,6 +38,12 @@ def list_masks(folder):
                    and not name.startswith("."))
     if not names:
         raise ValueError(f"{folder}: no masks (.tif, .tiff, .png or .zarr) in this folder")
+    by_table = {}
+    for name in names:  # case-insensitive file systems too
+        by_table.setdefault(table_name(name).lower(), []).append(name)
+    shared = next((same for same in by_table.values() if len(same) > 1), None)
+    if shared:
+        raise ValueError(f"{folder}: {' and '.join(shared)} would both be measured into {table_name(shared[0])}")
     return names
 
 
@@ -129,27 +135,13 @@ def write_table(path, columns, pixel_um):
     atomic_files.write_text(path, csv_text(["object_id", *names], rows))
 
 
-def summary_rows(name, columns, pixel_um, classes):
-    """Rows image, class, count, total and mean area (pixels, and micrometres² where known)."""
-    rows = []
-    for value in classes:
-        areas = columns["area_pixels"][columns["class"] == value]
-        total = int(areas.sum())
-        row = [name, value, len(areas), total, _cell(total / len(areas)) if len(areas) else ""]
-        if pixel_um is not None:
-            scale = pixel_um[0] * pixel_um[1]
-            row += [_cell(total * scale), _cell(total * scale / len(areas)) if len(areas) else ""]
-        rows.append(row)
-    return rows
-
-
 def measure_folder(mask_folder, output_folder, *, image_folder=None, streaming_megapixels=64.0,
                    label_name=ome_zarr_io.DEFAULT_LABEL_NAME, log=print):
     """Writes every mask's table and the folder's summary; returns the failures (one line each)."""
     names = list_masks(mask_folder)
     images = match_images(names, image_folder) if image_folder is not None else {}
     os.makedirs(output_folder, exist_ok=True)
-    measured, failures = [], []
+    written, failures = [], []
     for name in names:
         path = os.path.join(mask_folder, name)
         try:
@@ -161,27 +153,45 @@ def measure_folder(mask_folder, output_folder, *, image_folder=None, streaming_m
                     if image is not None:
                         image.close()
                 pixel_um = pixel_size_um(mask)
-            write_table(os.path.join(output_folder, table_name(name)), columns, pixel_um)
+            table_path = os.path.join(output_folder, table_name(name))
+            write_table(table_path, columns, pixel_um)
         except (ValueError, OSError) as error:  # a ValueError's line already names its file
             failures.append(str(error) if isinstance(error, ValueError) else with_path(path, error))
             log(f"failed: {failures[-1]}")
             continue
-        measured.append((name, columns, pixel_um))
+        written.append(table_path)
         log(f"{name}: {len(columns['area_pixels'])} objects")
-    write_summary(os.path.join(output_folder, SUMMARY_FILE), measured)
+    write_summary(os.path.join(output_folder, SUMMARY_FILE), written)
     return failures
 
 
-def write_summary(path, measured):
-    classes = sorted({int(value) for _, columns, _ in measured for value in np.unique(columns["class"])})
-    with_units = any(pixel_um is not None for _, _, pixel_um in measured)
+def write_summary(path, table_paths):
+    """objects_summary.csv from the object tables written: one row for each table and each class found
+    in any of them (count 0 where a table has none), with the total and mean area in pixels, and in
+    micrometres² where the tables have them. Read back from the tables, so that the parts of a job
+    array each rewrite it whole from what all of them wrote so far."""
+    counted = []
+    for table_path in table_paths:
+        with open(table_path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        name = os.path.basename(table_path)[:-len(TABLE_SUFFIX)]
+        counted.append((name, rows))
+    classes = sorted({int(row["class"]) for _, rows in counted for row in rows})
+    with_units = any(rows and "area_um2" in rows[0] for _, rows in counted)
     header = ["image", "class", "count", "total_area_pixels", "mean_area_pixels"]
     header += ["total_area_um2", "mean_area_um2"] if with_units else []
-    rows = []
-    for name, columns, pixel_um in measured:
-        for row in summary_rows(name, columns, pixel_um, classes):
-            rows.append(row + (["", ""] if with_units and pixel_um is None else []))
-    atomic_files.write_text(path, csv_text(header, rows))
+    lines = []
+    for name, rows in counted:
+        for value in classes:
+            objects_of_class = [row for row in rows if int(row["class"]) == value]
+            count, total = len(objects_of_class), sum(int(row["area_pixels"]) for row in objects_of_class)
+            line = [name, value, count, total, _cell(total / count) if count else ""]
+            if with_units:
+                known = bool(rows) and "area_um2" in rows[0]
+                area = sum(float(row["area_um2"]) for row in objects_of_class) if known else None
+                line += ["", ""] if area is None else [_cell(area), _cell(area / count) if count else ""]
+            lines.append(line)
+    atomic_files.write_text(path, csv_text(header, lines))
 
 
 def match_images(mask_names, image_folder):
