@@ -293,3 +293,22 @@ def test_inference_refuses_outputs_onto_its_inputs_before_any_work(gray_model, t
         f"error: {tmp_path / 'out' / 'g_probabilities.tif'}: both {images / 'G_probabilities.TIF'} and "
         f"{images / 'g.tif'} would write it (file names are compared ignoring case)")
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_images_with_nan_or_inf_pixels_fail_alone(gray_model, tmp_path):
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    whole = np.ones((32, 32), np.float32)  # read whole: below --streaming_megapixels
+    whole[1, 2] = np.nan
+    streamed = np.ones((64, 64), np.float32)  # read by rows
+    streamed[60:62, 5] = [np.inf, -np.inf]
+    tifffile.imwrite(images / "a_whole.tif", whole)
+    tifffile.imwrite(images / "b_good.tif", np.ones((64, 64), np.float32))
+    tifffile.imwrite(images / "c_streamed.tif", streamed)
+    result = run_inference("--saved_model_filepath", gray_model[0], "--image_folder", images, "--output_folder",
+                           out, "--streaming_megapixels", "0.002")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    failed = result.stderr[result.stderr.index("failed images:"):].strip().splitlines()
+    assert failed == ["failed images:", f"  {images / 'a_whole.tif'}: 1 pixel(s) hold NaN or Inf values",
+                      f"  {images / 'c_streamed.tif'}: 2 pixel(s) hold NaN or Inf values"]
+    assert sorted(os.listdir(out)) == ["b_good.tif"]
