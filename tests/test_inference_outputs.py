@@ -312,3 +312,27 @@ def test_images_with_nan_or_inf_pixels_fail_alone(gray_model, tmp_path):
     assert failed == ["failed images:", f"  {images / 'a_whole.tif'}: 1 pixel(s) hold NaN or Inf values",
                       f"  {images / 'c_streamed.tif'}: 2 pixel(s) hold NaN or Inf values"]
     assert sorted(os.listdir(out)) == ["b_good.tif"]
+
+
+def test_file_names_that_are_not_utf8_show_escaped(gray_model, tmp_path):
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    folder = os.fsencode(images)
+    tifffile.imwrite(os.fsdecode(os.path.join(folder, b"\xff.tif")), np.ones((32, 32), np.uint16))
+    with open(os.path.join(folder, b"bad\xfe.tif"), "wb") as broken:
+        broken.write(b"not a TIFF")
+    result = run_inference("--saved_model_filepath", gray_model[0], "--image_folder", images, "--output_folder", out)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "\\xff.tif: 32x32, 1 tile(s)" in result.stdout
+    assert f"error: {images}/bad\\xfe.tif: cannot decode" in result.stderr
+    assert f"  {images}/bad\\xfe.tif: cannot decode" in result.stderr.split("failed images:")[1]
+    assert os.listdir(os.fsencode(out)) == [b"\xff.tif"]
+
+
+def test_shown_escapes_what_would_break_a_line():
+    from fcdn.common import errors
+
+    assert errors.shown(os.fsdecode(b"a\xff.tif")) == "a\\xff.tif"
+    assert errors.shown("a\nb\r\tc\x1b.tif") == "a\\nb\\r\\tc\\x1b.tif"
+    assert errors.shown("\ud800 é µm") == "\\ud800 é µm"
+    assert errors.with_path(os.fsdecode(b"\xff.tif"), ValueError("bad")) == "\\xff.tif: bad"
