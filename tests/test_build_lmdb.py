@@ -537,6 +537,41 @@ def test_bad_file_names_the_file(tmp_path, corrupt, workers):
     assert_no_database(output)
 
 
+def test_a_file_name_with_a_line_break_is_refused(tmp_path):
+    images, masks, pairs = make_dataset(tmp_path / "src")
+    for folder in (images, masks):
+        os.rename(os.path.join(folder, "pair_1.tif"), os.path.join(folder, "pair\n1.tif"))
+    output = tmp_path / "out"
+    common = ["--image_folder", images, "--mask_folder", masks, "--output_folder", str(output), "--workers", "1",
+              "--seed", "0"]
+    result = run_build(*common)
+    assert_one_error_line(result)
+    assert result.stderr.strip() == (f"error: {os.path.join(masks, 'pair')}\\n1.tif: file name holds a line break "
+                                     f"({FILENAMES_CSV} lists one name a line)")
+    assert_no_database(output)
+    # an image without a mask is only named in the warning: escaped, on one line
+    os.remove(os.path.join(masks, "pair\n1.tif"))
+    result = run_build(*common)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == f"warning: 1 images in {images} have no mask and are skipped: pair\\n1.tif"
+    assert len(read_names(output / "train-HES.lmdb")) + len(read_names(output / "test-HES.lmdb")) == 4
+
+
+def test_an_image_with_nan_or_inf_pixels_is_refused(tmp_path):
+    images, masks, _ = make_dataset(tmp_path / "src")
+    image = np.ones((40, 70, 2), np.float32)
+    image[3, 4] = [np.nan, np.nan]
+    image[5, 6, 1] = np.inf
+    image[7, 8, 0] = -np.inf
+    tifffile.imwrite(os.path.join(images, "pair_3.tif"), image, photometric="minisblack", planarconfig="contig")
+    output = tmp_path / "out"
+    result = run_build("--image_folder", images, "--mask_folder", masks, "--output_folder", str(output),
+                       "--workers", "1", "--seed", "0")
+    assert_one_error_line(result)
+    assert result.stderr.strip() == f"error: {os.path.join(images, 'pair_3.tif')}: 3 pixel(s) hold NaN or Inf values"
+    assert_no_database(output)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fraction, problem", [("0", "strictly between"), ("1", "strictly between"),
                                                ("1.5", "strictly between"), ("0.1", "train database empty")])

@@ -226,3 +226,113 @@ def test_output_flags_refuse_bad_combinations(rgb_model, gray_model, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("note: 299 classes but 10 outline colours: the colours repeat") == 1
     assert iio.imread(tmp_path / "qc" / "c.png").shape == (64, 64, 3)
+
+
+def refusal(paths, mask_folder=None, **options):
+    """check_outputs' one line for these images and options, or None when it accepts them."""
+    from fcdn.inference import runner, segmenter
+
+    try:
+        segmenter.check_outputs([str(path) for path in paths], runner.RunnerOptions(tile_size=256, **options),
+                                mask_folder)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def test_no_output_replaces_an_input_or_another_images_output(tmp_path):
+    images, truth, out = tmp_path / "images", tmp_path / "truth", tmp_path / "out"
+    for folder in (images, truth, images / "out"):
+        folder.mkdir()
+    g, gp, a, capital_a = (images / name for name in ("g.tif", "g_probabilities.tif", "a.jpg", "a.JPG"))
+    assert refusal([g], truth, output_folder=truth) == (
+        f"{truth}: --output_folder is the --mask_folder: what is written would replace the ground-truth masks")
+    assert refusal([g], truth, output_folder=out, overlay_folder=str(truth) + "/") == (
+        f"{truth}/: --overlay_folder is the --mask_folder: what is written would replace the ground-truth masks")
+    # a folder named in another case is the same folder where the file system ignores case
+    assert refusal([g], truth, output_folder=tmp_path / "TRUTH") == (
+        f"{tmp_path / 'TRUTH' / 'g.tif'}: an output of {g} would replace the ground-truth mask {truth / 'g.tif'}")
+    assert refusal([g, gp], output_folder=out, save_probabilities=True) == (
+        f"{out / 'g_probabilities.tif'}: both {g} and {gp} would write it (file names are compared ignoring case)")
+    assert refusal([a, capital_a], output_folder=out) == (
+        f"{out / 'a.png'}: both {a} and {capital_a} would write it (file names are compared ignoring case)")
+    assert refusal([g, images / "G.png"], output_folder=out, overlay_folder=tmp_path / "qc") == (
+        f"{tmp_path / 'qc' / 'G.png'}: both {g} and {images / 'G.png'} would write it (file names are compared "
+        f"ignoring case)")
+    assert refusal([g, images / "g_objects.csv.tif"], output_folder=out, measure_objects=True) is None
+    assert refusal([g, images / "G.tiff"], output_folder=out, measure_objects=True) == (
+        f"{out / 'G_objects.csv'}: both {g} and {images / 'G.tiff'} would write it (file names are compared "
+        f"ignoring case)")
+    # an output folder inside the image folder, and its overlays beside the images' folder: nothing
+    # written there is listed as an input
+    assert refusal([g, gp, a], truth, output_folder=images / "out", overlay_folder=tmp_path / "qc") is None
+    # a link to the image folder is the image folder
+    os.symlink(images, tmp_path / "linked")
+    assert refusal([g], output_folder=out, overlay_folder=tmp_path / "linked") is not None
+    assert refusal([images / "x.png", images / "y.png"], output_folder=out,
+                   overlay_folder=tmp_path / "linked" / "out" / "..") is not None
+
+
+def test_inference_refuses_outputs_onto_its_inputs_before_any_work(gray_model, tmp_path):
+    images, truth = tmp_path / "images", tmp_path / "truth"
+    images.mkdir()
+    truth.mkdir()
+    tifffile.imwrite(images / "g.tif", np.zeros((32, 32), np.uint16))
+    tifffile.imwrite(images / "G_probabilities.TIF", np.zeros((32, 32), np.uint16))
+    tifffile.imwrite(truth / "g.tif", np.ones((32, 32), np.uint8))
+    common = ["--saved_model_filepath", gray_model[0], "--image_folder", str(images)]
+
+    result = run_inference(*common, "--output_folder", truth, "--mask_folder", truth)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert last_line(result.stderr) == (f"error: {truth}: --output_folder is the --mask_folder: what is written "
+                                        f"would replace the ground-truth masks")
+    assert sorted(os.listdir(truth)) == ["g.tif"] and tifffile.imread(truth / "g.tif").max() == 1
+    result = run_inference(*common, "--output_folder", tmp_path / "out", "--save_probabilities", "1")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert last_line(result.stderr) == (
+        f"error: {tmp_path / 'out' / 'g_probabilities.tif'}: both {images / 'G_probabilities.TIF'} and "
+        f"{images / 'g.tif'} would write it (file names are compared ignoring case)")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_images_with_nan_or_inf_pixels_fail_alone(gray_model, tmp_path):
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    whole = np.ones((32, 32), np.float32)  # read whole: below --streaming_megapixels
+    whole[1, 2] = np.nan
+    streamed = np.ones((64, 64), np.float32)  # read by rows
+    streamed[60:62, 5] = [np.inf, -np.inf]
+    tifffile.imwrite(images / "a_whole.tif", whole)
+    tifffile.imwrite(images / "b_good.tif", np.ones((64, 64), np.float32))
+    tifffile.imwrite(images / "c_streamed.tif", streamed)
+    result = run_inference("--saved_model_filepath", gray_model[0], "--image_folder", images, "--output_folder",
+                           out, "--streaming_megapixels", "0.002")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    failed = result.stderr[result.stderr.index("failed images:"):].strip().splitlines()
+    assert failed == ["failed images:", f"  {images / 'a_whole.tif'}: 1 pixel(s) hold NaN or Inf values",
+                      f"  {images / 'c_streamed.tif'}: 2 pixel(s) hold NaN or Inf values"]
+    assert sorted(os.listdir(out)) == ["b_good.tif"]
+
+
+def test_file_names_that_are_not_utf8_show_escaped(gray_model, tmp_path):
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    folder = os.fsencode(images)
+    tifffile.imwrite(os.fsdecode(os.path.join(folder, b"\xff.tif")), np.ones((32, 32), np.uint16))
+    with open(os.path.join(folder, b"bad\xfe.tif"), "wb") as broken:
+        broken.write(b"not a TIFF")
+    result = run_inference("--saved_model_filepath", gray_model[0], "--image_folder", images, "--output_folder", out)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "\\xff.tif: 32x32, 1 tile(s)" in result.stdout
+    assert f"error: {images}/bad\\xfe.tif: cannot decode" in result.stderr
+    assert f"  {images}/bad\\xfe.tif: cannot decode" in result.stderr.split("failed images:")[1]
+    assert os.listdir(os.fsencode(out)) == [b"\xff.tif"]
+
+
+def test_shown_escapes_what_would_break_a_line():
+    from fcdn.common import errors
+
+    assert errors.shown(os.fsdecode(b"a\xff.tif")) == "a\\xff.tif"
+    assert errors.shown("a\nb\r\tc\x1b.tif") == "a\\nb\\r\\tc\\x1b.tif"
+    assert errors.shown("\ud800 é µm") == "\\ud800 é µm"
+    assert errors.with_path(os.fsdecode(b"\xff.tif"), ValueError("bad")) == "\\xff.tif: bad"

@@ -884,3 +884,30 @@ def test_weight_average_is_what_the_test_pass_scores_and_the_best_model_exports(
     loss = float(np.mean(per_example_loss(masks, predict(images), "dice_cross_entropy").numpy()))
     logged = float((output / "test_loss.csv").read_text().split()[0])
     assert loss == pytest.approx(logged, rel=1e-4)
+
+
+def test_test_predictions_show_record_names_with_dollars_as_plain_text(tmp_path):
+    import imageio.v3 as iio
+    import tifffile
+
+    from fcdn.data import lmdb_builder
+    from fcdn.training.run_folder import PREDICTIONS_FILE, RunFolder
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a$^$b.tif", "c$_$.tif"):  # `$^$` and `$_$` are not even valid mathematics
+        tifffile.imwrite(images / name, rng.integers(0, 60000, (64, 64), np.uint16))
+        tifffile.imwrite(masks / name, (rng.random((64, 64)) < 0.3).astype(np.uint8))
+    lmdb_builder.build(str(images), str(masks), str(tmp_path), "dollars", train_fraction=0.5, seed=0, workers=1,
+                       log=lambda line: None)
+
+    def predict(batch):  # a model that finds class 1 where the image is bright
+        bright = (batch[..., :1] > 0).astype(np.float32)
+        return np.concatenate([1 - bright, bright], axis=-1)
+
+    run = RunFolder(str(tmp_path / "run"))
+    os.makedirs(run.path)
+    run.write_test_predictions(predict, str(tmp_path / "test-dollars.lmdb"), epoch=3)
+    assert iio.imread(run.file(PREDICTIONS_FILE)).ndim == 3

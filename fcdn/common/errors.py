@@ -28,18 +28,34 @@ def gist(error, last=False):
     return lines[-1] if last else lines[0]
 
 
+def shown(text):
+    """`text` as one line any terminal or log can take: the bytes of a file name that are not UTF-8
+    (which Python keeps as lone surrogates, and which no UTF-8 stream can print) as `\\xff`, and
+    control characters (a newline in a file name would split the line) as `\\n`, `\\x1b`."""
+    text = str(text)
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no byte stands for
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if text.isprintable():
+        return text
+    return "".join(character if character.isprintable() else character.encode("unicode_escape").decode("ascii")
+                   for character in text)
+
+
 def with_path(path, error):
     """`path: why` for an error met while handling `path` (the path is not repeated if the message
     already starts with it); a ValueError is the user's problem and keeps its words, any other
     error is named by its type."""
     message = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {gist(error)}"
     path = str(path)
-    return message if message.startswith(path) else f"{path}: {message}"
+    return shown(message if message.startswith(path) else f"{path}: {message}")
 
 
 def fail(message, status=1):
     """Ends the script with `error: message` on stderr and a non-zero exit status. With status 1 the
     message travels in SystemExit, as sys.exit(text) does, so a caller of main() can read it."""
+    message = shown(message)
     if status == 1:
         raise SystemExit(f"error: {message}")
     print(f"error: {message}", file=sys.stderr, flush=True)

@@ -189,7 +189,10 @@ def write_test_predictions(path, examples, title):
         picture[outlines(truth) & (truth != 0)] = 255
         axis.imshow(picture, interpolation="nearest")
         agree = float(np.mean(truth == predicted))
-        axis.set_title(f"{name}\npixel accuracy {agree:.3f}", fontsize="small")
+        # a file name is plain text: matplotlib would read a `$...$` in it as mathematics (or fail on it),
+        # and TeX its backslashes and braces
+        axis.set_title(f"{name}\npixel accuracy {agree:.3f}", fontsize="small", usetex=False,
+                       parse_math=False)
     figure.suptitle(f"{title}: true outlines white, predicted in colour")
     figure.tight_layout(rect=(0, 0, 1, 0.97))
     _save_figure(pyplot, figure, path)

@@ -81,6 +81,21 @@ def as_supported_image(array, path):
     )
 
 
+def non_finite_pixels(image):
+    """How many pixels of an image (HW or HWC) hold NaN or Inf in any channel; none can in an integer one."""
+    if not np.issubdtype(image.dtype, np.floating):
+        return 0
+    bad = ~np.isfinite(image)
+    return int(np.count_nonzero(bad.any(axis=2) if bad.ndim == 3 else bad))
+
+
+def check_finite(path, count):
+    """ImageFileError when `count` pixels of the image at `path` are NaN or Inf: no normalisation, so no
+    training or segmentation, can be made of them."""
+    if count:
+        raise ImageFileError(f"{'the image' if path is None else path}: {count} pixel(s) hold NaN or Inf values")
+
+
 def mask_dtype(largest_class):
     """The one rule for a mask's pixel type: the smallest of uint8, uint16 and int32 that holds
     `largest_class`. Databases, the reader and inference all store masks this way."""

@@ -97,9 +97,11 @@ class ImageSource:
         """Per-channel mean and std (float64) in one pass over blocks of rows (Chan et al.'s merge)."""
         height, _, channels = self.shape
         step = self.statistics_rows()
-        count, mean, m2 = 0, np.zeros(channels), np.zeros(channels)
+        count, mean, m2, non_finite = 0, np.zeros(channels), np.zeros(channels), 0
         for start in range(0, height, step):
-            block = self.rows(start, min(start + step, height)).astype(np.float32)
+            block = self.rows(start, min(start + step, height))
+            non_finite += image_files.non_finite_pixels(block)
+            block = block.astype(np.float32)
             block_count = block.shape[0] * block.shape[1]
             block_mean = block.mean(axis=(0, 1), dtype=np.float64)
             block_m2 = np.square(block - block_mean.astype(np.float32), dtype=np.float64).sum(axis=(0, 1))
@@ -108,6 +110,7 @@ class ImageSource:
             mean = mean + delta * block_count / total
             m2 = m2 + block_m2 + delta**2 * count * block_count / total
             count = total
+        image_files.check_finite(self.path, non_finite)
         return mean, np.sqrt(m2 / count)
 
     def close(self):
@@ -133,6 +136,7 @@ class ArraySource(ImageSource):
         return self.image[start:stop]
 
     def statistics(self):
+        image_files.check_finite(self.path, image_files.non_finite_pixels(self.image))
         # Exactly what image_files.zscore_normalize computes for the whole image.
         image = np.asarray(self.image, dtype=np.float32)
         return image.mean(axis=(0, 1), dtype=np.float64), image.std(axis=(0, 1), dtype=np.float64)

@@ -17,7 +17,7 @@ import time
 import lmdb
 
 from fcdn.common import atomic_files
-from fcdn.common.errors import gist
+from fcdn.common.errors import gist, shown
 from fcdn.data.build_pool import BuildPool, chunk_results, default_workers
 from fcdn.data.image_files import list_images, normalize_extension
 from fcdn.data.record_encoding import file_stem
@@ -55,6 +55,9 @@ def find_pairs(image_folder, mask_folder, extension):
     for name in masks:
         if not name.isascii():
             raise ValueError(f"{os.path.join(mask_folder, name)}: file name is not ASCII (LMDB keys are ASCII)")
+        if name.splitlines() != [name]:
+            raise ValueError(f"{os.path.join(mask_folder, name)}: file name holds a line break ({FILENAMES_CSV} "
+                             f"lists one name a line)")
         other = stems.setdefault(file_stem(name), name)
         if other != name:
             raise ValueError(f"{os.path.join(mask_folder, name)}: same key as {other}")
@@ -64,7 +67,7 @@ def find_pairs(image_folder, mask_folder, extension):
 
 def name_list(names, limit=20):
     more = f" (and {len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
+    return shown(", ".join(names[:limit]) + more)
 
 
 def split_names(names, train_fraction, seed):

@@ -11,7 +11,14 @@ import os
 import numpy as np
 
 from fcdn.common.errors import with_path
-from fcdn.data.image_files import ImageFileError, as_mask, as_supported_image, read_image
+from fcdn.data.image_files import (
+    ImageFileError,
+    as_mask,
+    as_supported_image,
+    check_finite,
+    non_finite_pixels,
+    read_image,
+)
 from fcdn.data.records import SIZE_FACTOR, make_record
 
 # FCDenseNet56's receptive-field radius: the reference strides tiles by tile_size - RADIUS
@@ -54,6 +61,7 @@ def tile_origins(height, width, tile_size):
 
 def load_pair(image_path, mask_path):
     image = as_supported_image(read_image(image_path), image_path)
+    check_finite(image_path, non_finite_pixels(image))
     mask = as_mask(read_image(mask_path), mask_path)
     if image.shape[:2] != mask.shape:
         raise ImageFileError(f"{image_path}: image is {image.shape[0]}x{image.shape[1]} but its mask "

@@ -4,6 +4,8 @@ import os
 import shutil
 import sys
 
+from fcdn.common import errors
+
 
 class Progress:
     """A progress bar over the images on a terminal (tqdm); a line per image in a log."""
@@ -19,16 +21,16 @@ class Progress:
 
     def image_done(self, result):
         if self.bar is None:
-            print(f"{os.path.basename(result.path)}: {result.height}x{result.width}, {result.tiles} tile(s), "
+            print(f"{errors.shown(os.path.basename(result.path))}: {result.height}x{result.width}, {result.tiles} tile(s), "
                   f"{result.seconds:.2f} s", flush=True)
         else:
             self.bar.update(1)
 
     def image_failed(self, message):
         if self.bar is None:
-            print(f"error: {message}", file=sys.stderr, flush=True)
+            print(f"error: {errors.shown(message)}", file=sys.stderr, flush=True)
         else:
-            self.bar.write(f"error: {message}", file=sys.stderr)
+            self.bar.write(f"error: {errors.shown(message)}", file=sys.stderr)
             self.bar.update(1)
 
     def close(self):

@@ -93,6 +93,43 @@ def check_outputs(paths, options, mask_folder=None):
     if options.save_probabilities and zarr_paths and options.output_folder is None:
         raise ValueError("--save_probabilities 1 with zarr images needs --output_folder (the probability maps "
                          "are TIFFs written there)")
+    check_outputs_apart(paths, options, mask_folder)
+
+
+def _path_key(path, folders):
+    """A path as compared with others: its folder resolved (links, `..`), lower case, since two names
+    that differ only in case are one file where the file system ignores case."""
+    folder, name = os.path.split(os.path.abspath(path))
+    if folder not in folders:
+        folders[folder] = os.path.realpath(folder)
+    return os.path.join(folders[folder], name).lower()
+
+
+def check_outputs_apart(paths, options, mask_folder=None):
+    """No output replaces an input (an image listed, a ground-truth mask to be read), and no two images
+    write one file; ValueError (one line) naming the files, before any work."""
+    if mask_folder is not None:
+        for folder, flag in ((options.output_folder, "--output_folder"), (options.overlay_folder, "--overlay_folder")):
+            if folder is not None and os.path.realpath(folder) == os.path.realpath(mask_folder):
+                raise ValueError(f"{folder}: {flag} is the --mask_folder: what is written would replace the "
+                                 f"ground-truth masks")
+    folders = {}
+    inputs = {_path_key(path, folders): (path, "the image") for path in paths}
+    if mask_folder is not None:
+        for path in paths:
+            truth = os.path.join(mask_folder, os.path.basename(
+                mask_writers.output_path(options.output_folder, os.path.basename(os.path.normpath(path)))))
+            inputs.setdefault(_path_key(truth, folders), (truth, "the ground-truth mask"))
+    written = {}
+    for path in paths:
+        for output in runner.output_paths(path, options):
+            key = _path_key(output, folders)
+            if key in inputs:
+                other, what = inputs[key]
+                raise ValueError(f"{output}: an output of {path} would replace {what} {other}")
+            if written.setdefault(key, path) != path:
+                raise ValueError(f"{output}: both {written[key]} and {path} would write it (file names are "
+                                 f"compared ignoring case)")
 
 
 def write_objects_summary(paths, options):
