@@ -1,6 +1,7 @@
 """train_fcdensenet.py --init_from: a run starts from a trained model's weights (fine-tuning)."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -80,24 +81,29 @@ def test_fine_tuning_records_its_source_and_a_resume_does_not_start_again(databa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case, expected", [
-    ("channels", "--init_from takes 1 channel(s) but the records of {rgb} have 3"),
-    ("variant", "--init_from is an FCDenseNet-custom but the flags build an FCDenseNet56: pass --model "
-                "FCDenseNet-custom (and its --layers_per_block and --growth_rate)"),
-    ("not_a_model", "not an FC-DenseNet SavedModel (no fcdensenet_metadata.json)"),
-])
-def test_a_source_that_does_not_fit_is_one_line(databases, tmp_path, case, expected):  # noqa: F811
-    from fcdn.model import saved_model
+def test_a_source_that_does_not_fit_is_one_line(databases, tmp_path):  # noqa: F811
+    import argparse
 
-    source = tmp_path / "source"
-    saved_model.export_saved_model(tiny_model(2, seed=1), source, radius=96)
-    if case == "not_a_model":
-        source = tmp_path
-    command = train_command(databases, tmp_path / "run", "--init_from", source, "--max_epochs", "1",
-                            **(dict(train="rgb", test="rgb") if case == "channels" else {}))
-    if case == "variant":  # the flags of the default variant, FCDenseNet56
-        start = command.index(TINY_MODEL[0])
-        command = command[:start] + command[start + len(TINY_MODEL):]
-    result, _ = run(command)
+    from fcdn.model import saved_model
+    from fcdn.training import fine_tuning
+
+    source_path = tmp_path / "source"
+    saved_model.export_saved_model(tiny_model(2, seed=1), source_path, radius=96)
+    source = fine_tuning.describe_source(source_path)
+    flags = argparse.Namespace(model="FCDenseNet56", layers_per_block=None, growth_rate=None,
+                               train_database="t.lmdb")
+    with pytest.raises(ValueError, match=f"^{source_path}: --init_from is an FCDenseNet-custom but the flags build "
+                                         f"an FCDenseNet56: pass --model FCDenseNet-custom"):
+        fine_tuning.check_source(source, flags, 1)
+    flags = argparse.Namespace(model=None, layers_per_block=1, growth_rate=4, train_database="t.lmdb")
+    fine_tuning.check_source(source, flags, 1)
+    with pytest.raises(ValueError, match=f"^{tmp_path}: not an FC-DenseNet SavedModel"):
+        fine_tuning.describe_source(tmp_path)
+
+    # as the user meets it: one line, exit status 1, before any step
+    result, _ = run(train_command(databases, tmp_path / "run", "--init_from", source_path, "--max_epochs", "1",
+                                  train="rgb", test="rgb"))
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == f"error: {source}: " + expected.format(**databases)
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {source_path}: --init_from takes 1 channel(s) but the records of {databases['rgb']} have 3")
+    assert not os.path.exists(tmp_path / "run" / "saved_model")
