@@ -25,7 +25,6 @@ from fcdn.data.lmdb_builder import build
 
 def parse_args(argv=None):
     parser = OneLineArgumentParser(
-        prog="build_lmdb",
         description="Convert a folder of images and a folder of masks (same file names) into "
         "train-{dataset_name}.lmdb and test-{dataset_name}.lmdb for training. Images smaller than "
         "the tile (or, without tiling, than 32 pixels) are reflect-padded at the bottom/right up to "

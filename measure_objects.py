@@ -23,7 +23,6 @@ from fcdn.measure import tables
 
 def parse_args(argv=None):
     parser = OneLineArgumentParser(
-        prog="measure_objects",
         description="Measure the objects (8-connected components of each class) of a folder of masks.")
     parser.add_argument("--mask_folder", required=True,
                         help="masks: .tif/.tiff/.png files written by inference or ground truth, or OME-Zarr "

@@ -249,6 +249,7 @@ def test_tool_normalisation_equals_ours_where_std_exceeds_one():
                                rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_test_record_of_the_training_run_is_the_default_test_image(tmp_path):
     import lmdb
 

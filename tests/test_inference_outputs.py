@@ -273,6 +273,7 @@ def test_no_output_replaces_an_input_or_another_images_output(tmp_path):
                    overlay_folder=tmp_path / "linked" / "out" / "..") is not None
 
 
+@pytest.mark.slow
 def test_inference_refuses_outputs_onto_its_inputs_before_any_work(gray_model, tmp_path):
     images, truth = tmp_path / "images", tmp_path / "truth"
     images.mkdir()
@@ -295,6 +296,7 @@ def test_inference_refuses_outputs_onto_its_inputs_before_any_work(gray_model, t
     assert not os.path.exists(tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_images_with_nan_or_inf_pixels_fail_alone(gray_model, tmp_path):
     images, out = tmp_path / "images", tmp_path / "out"
     images.mkdir()
@@ -314,6 +316,7 @@ def test_images_with_nan_or_inf_pixels_fail_alone(gray_model, tmp_path):
     assert sorted(os.listdir(out)) == ["b_good.tif"]
 
 
+@pytest.mark.slow
 def test_file_names_that_are_not_utf8_show_escaped(gray_model, tmp_path):
     images, out = tmp_path / "images", tmp_path / "out"
     images.mkdir()
