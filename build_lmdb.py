@@ -17,7 +17,6 @@ are complete, so an interrupted or failed build leaves earlier databases untouch
 import signal
 import sys
 
-import fcdn
 from fcdn.common.errors import OneLineArgumentParser, fail
 from fcdn.common.stopping import Interrupted, StopRequest
 from fcdn.data.lmdb_builder import build
@@ -30,7 +29,6 @@ def parse_args(argv=None):
         "the tile (or, without tiling, than 32 pixels) are reflect-padded at the bottom/right up to "
         "that size, and listed in a note.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {fcdn.__version__}")
     parser.add_argument("--image_folder", default="data/images", help="folder holding the images")
     parser.add_argument("--mask_folder", default="data/masks",
                         help="folder holding the masks; its file names decide which images are used")

@@ -17,7 +17,6 @@ keywords) and says what each part holds. Needs the optional dependencies of requ
 """
 
 
-import fcdn
 from fcdn.common import errors, startup
 from fcdn.export import bioimageio
 from fcdn.export.bioimageio import check_dependencies
@@ -29,7 +28,6 @@ __all__ = ["parse_args", "export_package", "main", "check_dependencies"]
 def parse_args(argv=None):
     parser = errors.OneLineArgumentParser(
         description="Write a BioImage Model Zoo package (model spec 0.5) of an FC-DenseNet SavedModel.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {fcdn.__version__}")
     parser.add_argument("--saved_model_filepath", required=True,
                         help="SavedModel directory written by train_fcdensenet.py or "
                              "fcdensenet.export_saved_model")

@@ -35,7 +35,6 @@ reduced to masks), mask_writers.py (writing masks); fcdn/data/image_sources.py r
 import functools
 import sys
 
-import fcdn
 from fcdn.common import errors, startup
 from fcdn.data import ome_zarr_io
 from fcdn.inference import engines
@@ -44,7 +43,6 @@ from fcdn.inference.segmenter import Segmenter, image_paths
 
 def parse_args(argv=None):
     parser = errors.OneLineArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--version", action="version", version=f"%(prog)s {fcdn.__version__}")
     parser.add_argument("--saved_model_filepath", required=True,
                         help="SavedModel folder exported by train_fcdensenet.py")
     parser.add_argument("--image_folder", required=True, help="folder of images to segment")

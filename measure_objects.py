@@ -15,7 +15,6 @@ objects of each class in each mask with their total and mean area. Masks of at l
 
 import sys
 
-import fcdn
 from fcdn.common.errors import OneLineArgumentParser, fail
 from fcdn.data.ome_zarr_io import DEFAULT_LABEL_NAME
 from fcdn.measure import tables
@@ -35,7 +34,6 @@ def parse_args(argv=None):
                         help="masks (or images) of at least this many megapixels are read band by band")
     parser.add_argument("--label_name", default=DEFAULT_LABEL_NAME,
                         help="the label image read from an OME-Zarr image's labels/ group")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {fcdn.__version__}")
     return parser.parse_args(argv)
 
 

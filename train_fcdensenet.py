@@ -32,7 +32,6 @@ import multiprocessing
 import os
 import sys
 
-import fcdn
 from fcdn.common.errors import OneLineArgumentParser, fail
 from fcdn.common.startup import quiet_tensorflow
 from fcdn.common.stopping import Interrupted, StopRequest
@@ -67,7 +66,6 @@ if multiprocessing.current_process().name == "MainProcess":
 def parse_args(argv=None):
     parser = OneLineArgumentParser(
         description="Train an FC-DenseNet segmentation model on LMDB databases (see build_lmdb.py).")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {fcdn.__version__}")
     add_data_flags(parser)
     add_model_flags(parser)
     add_run_flags(parser)

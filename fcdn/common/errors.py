@@ -64,11 +64,14 @@ def fail(message, status=1):
 
 class OneLineArgumentParser(argparse.ArgumentParser):
     """A flag mistake is one line, `error: ...`, exit status 2, like every other mistake a script
-    reports (the usage is one --help away). Defaults show in --help."""
+    reports (the usage is one --help away). Defaults show in --help; --version prints the package's."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
+        from fcdn import __version__  # every script answers --version the same way
+
+        self.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
 
     def error(self, message):
         self.exit(2, f"error: {message}\n")
