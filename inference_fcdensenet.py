@@ -86,9 +86,14 @@ def parse_args(argv=None):
     parser.add_argument("--part_id", type=int, default=None,
                         help="the part to segment, in [0, num_parts): every num_parts-th image from this one; "
                              "unset: the task's index within a SLURM job array, else 0")
+    parser.add_argument("--split_image", type=int, default=0, choices=(0, 1),
+                        help="1: split every OME-Zarr image itself over the parts instead of the image list: "
+                             "each part writes its block of chunk rows into the shared label, and the part "
+                             "that completes the label writes its pyramid and metadata")
     parser.add_argument("--skip_existing", type=int, default=0, choices=(0, 1),
                         help="1: leave images whose outputs all exist (outputs appear only when complete, so a "
-                             "requeued task goes on where it stopped)")
+                             "requeued task goes on where it stopped); with --split_image 1, also the chunk "
+                             "rows already written")
     parser.add_argument("--engine", choices=engines.ENGINES, default="auto",
                         help="runtime of the model: auto = OpenVINO where TensorFlow sees one device, a CPU, "
                              "and the openvino package is installed, else TensorFlow (on every device)")
@@ -111,7 +116,7 @@ def main(argv=None):
             paths, args.output_folder, overlay_folder=args.overlay_folder, save_probabilities=args.save_probabilities,
             measure_objects=args.measure_objects,
             label_name=args.label_name, mask_folder=args.mask_folder, skip_existing=args.skip_existing,
-            num_parts=args.num_parts, part_id=args.part_id, progress=True)
+            num_parts=args.num_parts, part_id=args.part_id, split_image=args.split_image, progress=True)
     except ValueError as error:  # a flag, the image folder or the model: one line, before any mask is written
         errors.fail(error)
     failures = [result.failure for result in results if result.error is not None]

@@ -71,6 +71,34 @@ def read_pixel_size(tiff):
     return PixelSize(resolution, unit, _ome_physical_size(tiff), imagej_unit)
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockStatistics:
+    """One block of rows of the statistics pass: its pixel count, per-channel mean and sum of squared
+    deviations (float64), and how many of its pixels are NaN or Inf."""
+
+    count: int
+    mean: np.ndarray
+    m2: np.ndarray
+    non_finite: int
+
+
+def merge_statistics(path, blocks):
+    """Per-channel (mean, std) of the image whose blocks of rows, top to bottom, are `blocks`
+    (BlockStatistics), merged in that order (Chan et al.): the same blocks give the same bits, whoever
+    computed them. ImageFileError when a pixel is NaN or Inf."""
+    channels = len(blocks[0].mean)
+    count, mean, m2, non_finite = 0, np.zeros(channels), np.zeros(channels), 0
+    for block in blocks:
+        non_finite += block.non_finite
+        delta = block.mean - mean
+        total = count + block.count
+        mean = mean + delta * block.count / total
+        m2 = m2 + block.m2 + delta**2 * count * block.count / total
+        count = total
+    image_files.check_finite(path, non_finite)
+    return mean, np.sqrt(m2 / count)
+
+
 class ImageSource:
     """What inference reads an image through.
 
@@ -93,25 +121,23 @@ class ImageSource:
         height, width, channels = self.shape
         return max(1, STATISTICS_BLOCK_PIXELS // (width * channels))
 
+    def statistics_blocks(self):
+        """(start, stop) of every block of rows of the statistics pass, top to bottom."""
+        height, step = self.shape[0], self.statistics_rows()
+        return [(start, min(start + step, height)) for start in range(0, height, step)]
+
+    def block_statistics(self, start, stop):
+        """The BlockStatistics of rows [start, stop): what statistics() merges, block by block."""
+        block = self.rows(start, stop)
+        non_finite = image_files.non_finite_pixels(block)
+        block = block.astype(np.float32)
+        mean = block.mean(axis=(0, 1), dtype=np.float64)
+        m2 = np.square(block - mean.astype(np.float32), dtype=np.float64).sum(axis=(0, 1))
+        return BlockStatistics(block.shape[0] * block.shape[1], mean, m2, non_finite)
+
     def statistics(self):
         """Per-channel mean and std (float64) in one pass over blocks of rows (Chan et al.'s merge)."""
-        height, _, channels = self.shape
-        step = self.statistics_rows()
-        count, mean, m2, non_finite = 0, np.zeros(channels), np.zeros(channels), 0
-        for start in range(0, height, step):
-            block = self.rows(start, min(start + step, height))
-            non_finite += image_files.non_finite_pixels(block)
-            block = block.astype(np.float32)
-            block_count = block.shape[0] * block.shape[1]
-            block_mean = block.mean(axis=(0, 1), dtype=np.float64)
-            block_m2 = np.square(block - block_mean.astype(np.float32), dtype=np.float64).sum(axis=(0, 1))
-            delta = block_mean - mean
-            total = count + block_count
-            mean = mean + delta * block_count / total
-            m2 = m2 + block_m2 + delta**2 * count * block_count / total
-            count = total
-        image_files.check_finite(self.path, non_finite)
-        return mean, np.sqrt(m2 / count)
+        return merge_statistics(self.path, [self.block_statistics(*block) for block in self.statistics_blocks()])
 
     def close(self):
         pass

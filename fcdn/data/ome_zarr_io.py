@@ -375,19 +375,35 @@ def _downsample(previous, array):
             block[rows - rows[0]][:, columns]
 
 
-def build_label_image(path, source, bands, dtype, number_classes, name, source_image):
-    """Write a complete, validated label image as a zarr group in the empty folder `path`; returns
-    its level count."""
+def create_label_image(path, source, dtype):
+    """An empty label image in the empty folder `path`: its group and one array per image level, no
+    metadata yet; returns the arrays."""
     import zarr
 
     group = zarr.open_group(path, mode="w", zarr_format=ZARR_FORMATS[source.ngff_version])
-    arrays = _create_levels(group, source, np.dtype(dtype))
-    _write_full_resolution(arrays[0], bands, np.dtype(dtype), source.path)
+    return _create_levels(group, source, np.dtype(dtype))
+
+
+def finish_label_image(path, source, number_classes, name, source_image):
+    """Complete a label image whose level 0 is written: the lower levels, subsampled from it, and the
+    metadata; validated. Returns its level count."""
+    import zarr
+
+    group = zarr.open_group(path, mode="r+", zarr_format=ZARR_FORMATS[source.ngff_version])
+    arrays = [group[str(index)] for index in range(len(source.levels))]
     for previous, array in zip(arrays, arrays[1:]):
         _downsample(previous, array)
     group.attrs.update(label_attributes(source, number_classes, name, source_image))
     validate_label_image(path, source.ngff_version)
     return len(arrays)
+
+
+def build_label_image(path, source, bands, dtype, number_classes, name, source_image):
+    """Write a complete, validated label image as a zarr group in the empty folder `path`; returns
+    its level count."""
+    arrays = create_label_image(path, source, dtype)
+    _write_full_resolution(arrays[0], bands, np.dtype(dtype), source.path)
+    return finish_label_image(path, source, number_classes, name, source_image)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,6 +514,16 @@ def write_labels(source, bands, dtype, number_classes, label_name=DEFAULT_LABEL_
     ValueError / ImageFileError with one line naming the path; the bands are not consumed when the
     target is refused.
     """
+    def build(staging, source_image):
+        return build_label_image(staging, source, bands, dtype, number_classes, label_name, source_image)
+
+    return place_label_image(source, build, label_name, output_folder)
+
+
+def place_label_image(source, build, label_name=DEFAULT_LABEL_NAME, output_folder=None):
+    """Put a label image in place atomically: `build(staging, source_image)` writes it whole into an
+    empty staging folder beside its place and returns its level count (source_image: the path back to
+    the image, for its metadata); it is then renamed into place and listed. Returns a LabelsWritten."""
     target = label_target(source, label_name, output_folder)
     folder, name = os.path.split(target)
     version = source.ngff_version
@@ -514,7 +540,7 @@ def write_labels(source, bands, dtype, number_classes, label_name=DEFAULT_LABEL_
     atomic_files.recover_directory(target)
     replaced = os.path.exists(target)
     with atomic_files.replacing_directory(target) as staging:
-        levels = build_label_image(staging, source, bands, dtype, number_classes, label_name, source_image)
+        levels = build(staging, source_image)
     if output_folder is not None:
         return LabelsWritten(target, replaced, levels)
     document, listing = _read_labels_listing(folder, version)

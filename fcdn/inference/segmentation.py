@@ -75,21 +75,35 @@ def _run(predict, batches):
         yield keys.popleft(), np.asarray(probabilities)
 
 
-def tile_probabilities(source, grid, predict, mean, std, batch_size):
+def batches_holding(grid, batch_size, tile_rows):
+    """The first tile (in grid order) of each batch of `batch_size` tiles, as the whole grid is
+    batched, that holds a tile of the rows of tiles `tile_rows` (a range)."""
+    counts = [len(row) for row in grid.rows]
+    first_tile = sum(counts[:tile_rows.start])
+    last_tile = sum(counts[:tile_rows.stop]) - 1
+    return range(first_tile // batch_size * batch_size, last_tile + 1, batch_size)
+
+
+def tile_probabilities(source, grid, predict, mean, std, batch_size, tile_rows=None):
     """Yield a TileResult per tile, in grid order, running `batch_size` tiles per forward pass.
 
     Tiles are read from the source one row of tiles at a time (the rows it needs, reflect-padded at
     the bottom and right), z-scored with the whole image's mean and std, and batched across rows.
     `predict` is a function or a devices.DevicePool, whose devices then run batches side by side.
+    tile_rows (a range of rows of tiles) runs only the batches that hold their tiles, the very
+    batches a run over the whole grid makes (so every tile's probabilities are those of that run,
+    to the bit, whatever the runtime does with a batch), and yields only their tiles.
     """
     reader = _TileReader(source, grid, mean, std)
     queue = [(r, y, x) for r, row in enumerate(grid.rows) for y, x in row]
+    tile_rows = range(len(grid.rows)) if tile_rows is None else tile_rows
     batches = ((queue[first:first + batch_size],
                 np.stack([reader.tile(*key) for key in queue[first:first + batch_size]]))
-               for first in range(0, len(queue), batch_size))
+               for first in batches_holding(grid, batch_size, tile_rows))
     for keys, probabilities in _run(predict, batches):
         for (r, y, x), tile in zip(keys, probabilities):
-            yield TileResult(r, y, x, _kept(tile, y, x))
+            if r in tile_rows:
+                yield TileResult(r, y, x, _kept(tile, y, x))
 
 
 def single_tile_probabilities(images, predict, batch_size):
@@ -131,15 +145,15 @@ class Output:
     dtype: object
 
 
-def assemble_bands(tiles, grid, width, outputs):
+def assemble_bands(tiles, grid, width, outputs, first_row=0):
     """Paste every output's reduction of every tile into full-width bands, one per row of tiles.
 
     Yields (first image row, [band of each output]) top to bottom, each band (rows, width[, ...]) of
     its output's dtype, as soon as the last tile of its row is in: no more than the bands of the
-    tiles of one batch are ever held.
+    tiles of one batch are ever held. The tiles start at the row of tiles `first_row`.
     """
     bands = {}  # row of tiles -> [first row, [band per output], tiles still to come]
-    next_band = 0
+    next_band = first_row
     for tile in tiles:
         values = [output.reduce(tile.probabilities) for output in outputs]
         if tile.row not in bands:

@@ -23,7 +23,7 @@ import numpy as np
 
 from fcdn.common import errors, qc_pictures, segmentation_metrics
 from fcdn.data import image_files, ome_zarr_io
-from fcdn.inference import engines, mask_writers, runner, segmentation, tiling
+from fcdn.inference import engines, mask_writers, runner, segmentation, split_image, tiling
 from fcdn.inference.progress import Progress
 from fcdn.inference.runner import ImageResult, RunnerOptions
 from fcdn.measure import tables
@@ -94,6 +94,18 @@ def check_outputs(paths, options, mask_folder=None):
         raise ValueError("--save_probabilities 1 with zarr images needs --output_folder (the probability maps "
                          "are TIFFs written there)")
     check_outputs_apart(paths, options, mask_folder)
+
+
+def check_split(paths, options):
+    """--split_image 1 splits OME-Zarr images only, into outputs that parts can write a share of;
+    ValueError (one line) otherwise."""
+    files = [path for path in paths if not runner.is_zarr_image(path)]
+    if files:
+        raise ValueError(f"{files[0]}: --split_image 1 splits OME-Zarr images (--image_format zarr) only")
+    for flag, value in (("--overlay_folder", options.overlay_folder), ("--save_probabilities 1",
+                        options.save_probabilities), ("--measure_objects 1", options.measure_objects)):
+        if value:
+            raise ValueError(f"{flag} needs the whole image in one process: it does not go with --split_image 1")
 
 
 def _path_key(path, folders):
@@ -220,7 +232,7 @@ class Segmenter:
 
     def segment_files(self, image_paths, output_folder=None, *, overlay_folder=None, save_probabilities=False,
                       measure_objects=False, label_name=ome_zarr_io.DEFAULT_LABEL_NAME, mask_folder=None, skip_existing=False,
-                      num_parts=1, part_id=0, progress=False):
+                      num_parts=1, part_id=0, split_image=False, progress=False):
         """Segment image files (tif, png, jpg) and OME-Zarr images (.zarr folders); returns an ImageResult
         per image segmented, in order.
 
@@ -232,6 +244,8 @@ class Segmenter:
         mask_folder: ground-truth masks to score the masks against (each result's confusion matrix,
         and a scores line). skip_existing: leave the images whose outputs all exist. num_parts,
         part_id: segment every num_parts-th image from part_id (None: from a SLURM job array).
+        split_image: every part takes its share of the chunk rows of every image instead (OME-Zarr
+        images only); the part that completes an image's label writes its pyramid and metadata.
         progress: a bar on a terminal, else a line per image.
         """
         options = RunnerOptions(tile_size=self.tile_size, output_folder=output_folder, batch_size=self.batch_size,
@@ -243,23 +257,29 @@ class Segmenter:
                              f"lists a folder's)")
         paths = [os.fspath(path) for path in image_paths]
         check_outputs(paths, options, mask_folder)
-        mine = self._share(paths, num_parts, part_id, skip_existing, options)
+        if split_image:
+            check_split(paths, options)
+        num_parts, part_id = job_array_part(num_parts, part_id)
+        mine = self._share(paths, num_parts, part_id, skip_existing, options, split_image)
         self.load()
         options = dataclasses.replace(options, tile_size=self.tile_size)
         make_folders(options)
         self._log_setup(options)
         started = time.perf_counter()
-        results = self._run(mine, options, mask_folder, progress)
+        split = (num_parts, part_id, skip_existing) if split_image else None
+        results = self._run(mine, options, mask_folder, progress, split)
         self._log_summary(results, time.perf_counter() - started, mask_folder)
         if options.measure_objects:
             write_objects_summary(paths, options)
         return results
 
-    def _share(self, paths, num_parts, part_id, skip_existing, options):
-        """This part's share of the paths, less those whose outputs exist when they are to be skipped."""
-        num_parts, part_id = job_array_part(num_parts, part_id)
-        mine = paths[part_id::num_parts]
-        if num_parts > 1:
+    def _share(self, paths, num_parts, part_id, skip_existing, options, split_image=False):
+        """This part's share of the paths (all of them when each image is split), less those whose
+        outputs exist when they are to be skipped."""
+        mine = paths if split_image else paths[part_id::num_parts]
+        if split_image:
+            self.log(f"part {part_id} of {num_parts}: its share of the chunk rows of {len(paths)} image(s)")
+        elif num_parts > 1:
             self.log(f"part {part_id} of {num_parts}: {len(mine)} of {len(paths)} image(s)")
         if not skip_existing:
             return mine
@@ -281,14 +301,21 @@ class Segmenter:
             self.log(f"note: {metadata['number_classes'] - 1} classes but {len(qc_pictures.PALETTE)} outline "
                      f"colours: the colours repeat")
 
-    def _run(self, paths, options, mask_folder, progress):
-        """The runner's result for every path, scored against the ground truth when there is one."""
+    def _results(self, paths, options, split):
+        """The runner's results, or with `split` (num_parts, part_id, skip_existing) each part's."""
+        if split is None:
+            return runner.segment_images(paths, self.predict, self.metadata, options, len(self.device_names))
+        settings = split_image.run_settings(self.saved_model_path, self.engine, self.tile_size, self.batch_size,
+                                            self.tta)
+        return split_image.segment_parts(paths, self.predict, self.metadata, options, settings, *split, log=self.log)
+
+    def _run(self, paths, options, mask_folder, progress, split=None):
+        """The result for every path, scored against the ground truth when there is one."""
         number_classes = self.metadata["number_classes"]
         shown = Progress(len(paths), sys.stdout.isatty()) if progress else None
         results = []
         try:
-            for result in runner.segment_images(paths, self.predict, self.metadata, options,
-                                                len(self.device_names)):
+            for result in self._results(paths, options, split):
                 if result.error is None and mask_folder is not None:
                     result = scored(result, options.output_folder, mask_folder, number_classes)
                 results.append(result)
