@@ -39,6 +39,11 @@ import dataclasses
 import json
 import os
 
+# Loaded before TensorFlow can be: TensorFlow exports a zstd of its own, and numcodecs' zstd, when
+# loaded after it, binds to that one, which compresses the same chunk to other bytes. Importing it
+# here, ahead of any TensorFlow import in the scripts and the inference API, keeps a label's chunk
+# files the same whichever process writes them (the parts of a split image and one process alike).
+import numcodecs.zstd  # noqa: F401
 import numpy as np
 
 from fcdn.common import atomic_files, qc_pictures
