@@ -85,8 +85,9 @@ def test_shared_statistics_equal_one_pass_to_the_bit_and_are_read_once(float_zar
     alone = ome_zarr_parts.SharedLabel.join(source, np.uint8, target, {"model": "a"})
     (mean, std), read = alone.statistics(source, parts, 1)
     assert mean.tobytes() == expected[0].tobytes() and std.tobytes() == expected[1].tobytes()
-    # alone, a part reads its own blocks first, then the others' first blocks before their later ones
-    assert read[:3] == [(24, 32), (32, 40), (40, 48)] and read[3:5] == [(0, 8), (48, 56)] and len(read) == 8
+    # alone, a part reads its own blocks first, then the others' from their last blocks up
+    assert read[:3] == [(24, 32), (32, 40), (40, 48)] and read[3:5] == [(16, 24), (56, 64)] and len(read) == 8
+    assert read[5:] == [(8, 16), (48, 56), (0, 8)]
     joined = ome_zarr_parts.SharedLabel.join(source, np.uint8, target, {"model": "a"})
     (mean, std), read = joined.statistics(source, parts, 0)
     assert read == [] and mean.tobytes() == expected[0].tobytes() and std.tobytes() == expected[1].tobytes()
@@ -120,13 +121,16 @@ def test_split_image_refuses_files_and_whole_image_outputs_before_loading_the_mo
             segmenter.segment_files([float_zarr.path], tmp_path / "out", split_image=True, **keywords)
 
 
-def test_the_sbatch_script_runs_the_script_with_flags_it_accepts():
+def test_the_sbatch_script_is_the_documented_one_and_its_flags_are_accepted():
     import inference_fcdensenet
 
     with open(os.path.join(REPO_ROOT, "examples", "slurm", "segment_giant_zarr.sbatch")) as handle:
-        text = handle.read().replace("\\\n", " ")
-    command = re.search(r"python inference_fcdensenet\.py (.*)", text).group(1).split()
-    args = inference_fcdensenet.parse_args([os.path.expandvars(word) for word in command])
+        script = handle.read()
+    for document in ("README.md", os.path.join("docs", "ome-zarr.md")):
+        with open(os.path.join(REPO_ROOT, document)) as handle:
+            assert script in handle.read(), f"{document} shows another script than examples/slurm"
+    command = re.search(r"python inference_fcdensenet\.py (.*)", script.replace("\\\n", " ")).group(1).split()
+    args = inference_fcdensenet.parse_args(command)
     assert args.split_image == 1 and args.skip_existing == 1 and args.image_format == "zarr"
 
 

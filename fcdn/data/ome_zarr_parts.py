@@ -19,7 +19,7 @@ The parts share a hidden work folder beside the label's place, `.<label name>.pa
 - `statistics/<start>-<stop>.json`: one block of the normalisation statistics pass. The blocks are
   merged in the image's order, exactly as one process merges them, so every part z-scores with the
   same bits; each part computes its own blocks first and then only those that no other part has
-  stored yet.
+  stored yet (another part's from its last block up, towards that part coming down).
 
 The part that finds every marker written finishes the label: it hard-links the chunk files of the
 work folder (copies them where links are not possible) into a staging folder beside the label's
@@ -169,14 +169,15 @@ class SharedLabel:
     def statistics(self, source, parts, part_id):
         """The whole image's per-channel (mean, std), to the bit as source.statistics() gives them, and
         the blocks (start, stop) this call read. `parts` are the image rows [start, stop) of every part.
-        The blocks of part `part_id` come first; then those no other part has stored yet, in the
-        order the other parts compute their own (top down, each from its first block)."""
+        The blocks of part `part_id` come first, top down; then those no other part has stored yet,
+        each other part's from its last block up: a part that runs meanwhile computes its own top
+        down, so the two meet halfway instead of computing the same blocks one after the other."""
         blocks = source.statistics_blocks()
         order = {}
         for index, (first_row, stop_row) in enumerate(parts):
             owned = [block for block in blocks if block[0] < stop_row and block[1] > first_row]
             for position, block in enumerate(owned):
-                rank = (-1 if index == part_id else position, index)
+                rank = (-1, position) if index == part_id else (len(owned) - 1 - position, index)
                 order[block] = min(order.get(block, rank), rank)
         computed, found = [], {}
         for block in sorted(blocks, key=lambda block: order.get(block, (len(blocks), 0))):
