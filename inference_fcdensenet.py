@@ -81,11 +81,13 @@ def parse_args(argv=None):
                              "area, centroid, bounding box, perimeter, shape, intensity of each channel; as "
                              "measure_objects.py) and objects_summary.csv, measured from the mask as it is written")
     parser.add_argument("--num_parts", type=int, default=None,
-                        help="split the sorted image list into this many parts and segment one (a job array "
-                             "task each); unset: SLURM_ARRAY_TASK_COUNT under a SLURM job array, else 1")
+                        help="split the sorted image list (with --split_image 1: each image's chunk rows) into "
+                             "this many parts and segment one (a job array task each); unset: "
+                             "SLURM_ARRAY_TASK_COUNT under a SLURM job array, else 1")
     parser.add_argument("--part_id", type=int, default=None,
-                        help="the part to segment, in [0, num_parts): every num_parts-th image from this one; "
-                             "unset: the task's index within a SLURM job array, else 0")
+                        help="the part to segment, in [0, num_parts): every num_parts-th image from this one "
+                             "(with --split_image 1: its block of every image's chunk rows); unset: the task's "
+                             "index within a SLURM job array, else 0")
     parser.add_argument("--split_image", type=int, default=0, choices=(0, 1),
                         help="1: split every OME-Zarr image itself over the parts instead of the image list: "
                              "each part writes its block of chunk rows into the shared label, and the part "

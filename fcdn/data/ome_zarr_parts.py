@@ -56,9 +56,11 @@ def work_folder(target):
     return os.path.join(folder, f".{name}.parts")
 
 
-def manifest_for(source, dtype, settings):
-    """What a work folder is for: the parts that share one must all have the same."""
-    return {"image": os.path.realpath(source.path), "ngff_version": source.ngff_version,
+def manifest_for(source, dtype, folder, settings):
+    """What a work folder is for: the parts that share one must all have the same. The image is named
+    relative to the work folder, so that nodes mounting the shared file system elsewhere agree."""
+    image = os.path.relpath(os.path.realpath(source.path), os.path.realpath(os.path.dirname(folder)))
+    return {"image": image, "ngff_version": source.ngff_version,
             "shape": list(source.shape), "chunks": list(source.array.chunks),
             "image_dtype": str(source.array.dtype), "label_dtype": np.dtype(dtype).name,
             "settings": settings}
@@ -115,7 +117,7 @@ class SharedLabel:
         """The work folder of `target` for this image and settings: joined when another part made it,
         else made, replacing one made for other settings or another image."""
         folder = work_folder(target)
-        manifest = json.loads(json.dumps(manifest_for(source, dtype, settings)))  # as read back
+        manifest = json.loads(json.dumps(manifest_for(source, dtype, folder, settings)))  # as read back
         atomic_files.recover_directory(folder)  # staging folders of parts killed while making it
         for _ in range(3):
             found = _read_json(os.path.join(folder, MANIFEST))
@@ -257,7 +259,7 @@ def _link_tree(source_folder, target_folder):
             origin, copy = os.path.join(parent, name), os.path.join(destination, name)
             try:
                 os.link(origin, copy)
-            except OSError as error:
-                if error.errno in (errno.ENOENT,):
-                    raise
+            except FileNotFoundError:
+                raise
+            except OSError:  # no hard links on this file system (or across it): a copy
                 shutil.copyfile(origin, copy)
