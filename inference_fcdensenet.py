@@ -55,6 +55,14 @@ def parse_args(argv=None):
     parser.add_argument("--label_name", default=ome_zarr_io.DEFAULT_LABEL_NAME,
                         help="zarr images: the name of the NGFF label image written (labels/<name> inside "
                              "the image, replaced once the new one is complete)")
+    parser.add_argument("--channel_axis", default="auto",
+                        help="TIFF images: which axis holds the channels. auto = the file's axes (ImageJ, "
+                             "OME-TIFF, tifffile metadata; HW or HWC without them), none = no channel axis, or "
+                             "an index into the stored array's axes (0, -1, ...); height and width are then "
+                             "its last two other axes and any further axis is a stack of planes")
+    parser.add_argument("--series", type=int, default=0,
+                        help="TIFF images: the series to segment (a multi-series file; its full-resolution "
+                             "level when it is a pyramid)")
     parser.add_argument("--tile_size", type=int, default=0,
                         help="tiles hold at most tile_size x tile_size pixels (squares or, where that "
                              "computes fewer pixels, rectangles of no larger area): a multiple of 32 and at "
@@ -111,7 +119,8 @@ def main(argv=None):
             paths, args.output_folder, overlay_folder=args.overlay_folder, save_probabilities=args.save_probabilities,
             measure_objects=args.measure_objects,
             label_name=args.label_name, mask_folder=args.mask_folder, skip_existing=args.skip_existing,
-            num_parts=args.num_parts, part_id=args.part_id, progress=True)
+            num_parts=args.num_parts, part_id=args.part_id, progress=True, channel_axis=args.channel_axis,
+            series=args.series)
     except ValueError as error:  # a flag, the image folder or the model: one line, before any mask is written
         errors.fail(error)
     failures = [result.failure for result in results if result.error is not None]
