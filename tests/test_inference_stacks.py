@@ -30,8 +30,10 @@ class BrightModel:
 
 
 def segment(paths, output_folder, model=None, metadata=METADATA, **options):
-    options = runner.RunnerOptions(**dict(dict(tile_size=96, output_folder=str(output_folder)), **options))
-    os.makedirs(output_folder, exist_ok=True)
+    options = runner.RunnerOptions(**dict(dict(tile_size=96, output_folder=output_folder and str(output_folder)),
+                                          **options))
+    if output_folder is not None:
+        os.makedirs(output_folder, exist_ok=True)
     if options.overlay_folder:
         os.makedirs(options.overlay_folder, exist_ok=True)
     return list(runner.segment_images([str(path) for path in paths], model or BrightModel(), metadata, options))
@@ -162,3 +164,34 @@ def test_the_script_segments_and_scores_a_z_stack(gray_model, tmp_path):
     assert "done: 2 image(s) segmented, 0 failed" in result.stdout
     assert "scores against the ground truth: pixel accuracy" in result.stdout
     assert tifffile.imread(tmp_path / "out" / "z.tif").shape == (3, 32, 32)
+
+
+def test_an_ome_zarr_tczyx_stack_gets_a_tzyx_label_image_of_its_planes(tmp_path):
+    import zarr
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import write_image
+
+    fmt = FormatV05()  # labels of both NGFF versions share the writing of a stack
+
+    def write(path, data, axes):
+        group = zarr.open_group(str(path), mode="w", zarr_format=fmt.zarr_format)
+        write_image(data, group, axes=axes, fmt=fmt, scale_factors=(2,),
+                    storage_options={"chunks": tuple(32 if name in "yx" else 1 for name in axes)})
+
+    values = planes_values((1, 1, 2, 64, 48))
+    write(tmp_path / "volume.zarr", values, "tczyx")
+    for z in range(2):
+        write(tmp_path / f"plane{z}.zarr", values[0, 0, z], "yx")
+    [result] = segment([tmp_path / "volume.zarr"], None)
+    assert result.error is None and result.planes == 2
+    one_by_one = segment([tmp_path / f"plane{z}.zarr" for z in range(2)], None)
+    assert all(plane.error is None for plane in one_by_one)
+    label = zarr.open_group(str(tmp_path / "volume.zarr" / "labels" / "fcdensenet"), mode="r")
+    assert label["0"].shape == (1, 2, 64, 48) and label["1"].shape == (1, 2, 32, 24)
+    for z in range(2):
+        plane = zarr.open_array(str(tmp_path / f"plane{z}.zarr" / "labels" / "fcdensenet" / "0"), mode="r")[:]
+        np.testing.assert_array_equal(label["0"][0, z], plane)
+        np.testing.assert_array_equal(label["1"][0, z], plane[::2, ::2])
+    attributes = label.attrs.asdict()
+    axes = attributes.get("ome", attributes)["multiscales"][0]["axes"]
+    assert [axis["name"] for axis in axes] == ["t", "z", "y", "x"]

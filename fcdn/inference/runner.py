@@ -222,7 +222,7 @@ def prepare_planes(stack, metadata, options):
             if options.measure_objects:
                 raise image_files.ImageFileError(
                     f"{stack.path}: object tables are measured on 2-D images; this is a stack of "
-                    f"{stack.planes} planes ({stack.layout.describe()})")
+                    f"{stack.planes} planes ({stack.describe()})")
             if index == 0:
                 stack.open_feeds(metadata["number_classes"], dtype, options)
             source = stack.plane_source(index, options)
@@ -275,7 +275,7 @@ def prepared(paths, metadata, options):
     """(path, ImageJob or None, error or None) for every path (every plane of a stack), in order."""
     for path in paths:
         try:
-            stack = None if is_zarr_image(path) else stacks.open_stack(path, options)
+            stack = stacks.open_stack(path, options, zarr=is_zarr_image(path))
             if stack is not None:
                 yield from prepare_planes(stack, metadata, options)
                 continue

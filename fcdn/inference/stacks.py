@@ -23,7 +23,7 @@ import queue
 import threading
 import time
 
-from fcdn.data import image_axes, image_files, image_sources
+from fcdn.data import image_axes, image_files, image_sources, ome_zarr_io
 from fcdn.inference import mask_writers, pipeline, segmentation
 
 POLL_SECONDS = 0.1
@@ -76,11 +76,15 @@ class StackFeed:
 
     def plane_consumer(self, index):
         def consume(bands):
-            if index == 0:
+            if index == 0 and not self.stop.is_set():
                 self.thread.start()
-            for band in bands:
-                self._put(band)
-            self._put(_END_PLANE)
+            try:
+                for band in bands:
+                    self._put(band)
+                self._put(_END_PLANE)
+            except BaseException:
+                self.abort()  # the writer has removed its temporary file when this returns
+                raise
             if index == self.planes - 1:
                 self.thread.join()
                 if self.error is not None:
@@ -89,7 +93,7 @@ class StackFeed:
 
     def abort(self):
         self.stop.set()
-        if self.thread.is_alive():
+        if self.thread.ident is not None:  # started (perhaps just now, by the first plane)
             self.thread.join()
 
 
@@ -110,57 +114,26 @@ def _description(layout, kind, imagej):
                             tuple(layout.shape[i] for i in kept), kind, imagej)
 
 
-class TiffStackImage:
-    """A TIFF that the runner segments plane by plane: its layout, plane sources and output feeds."""
+class StackImage:
+    """An image that the runner segments plane by plane: its plane sources, the feeds of its output
+    files, and what became of its planes. Subclasses set `path`, `planes`, `description` (of the
+    outputs, a StackDescription), `shape` (height, width), `streamed`, `pixel_size`, and provide
+    plane_source(index, options) and _mask_write(dtype, number_classes, options)."""
 
-    def __init__(self, path, tiff_stack, streaming_megapixels):
-        self.path = path
-        self.layout = layout = tiff_stack.layout
-        self.description = _description(layout, tiff_stack.kind, tiff_stack.imagej)
-        self.pixel_size = image_sources.read_pixel_size(tiff_stack.tiff)
-        plane_values = layout.height * layout.width * layout.channels
-        self.plane_streamed = plane_values >= streaming_megapixels * 1e6
-        self.streamed = plane_values * layout.planes >= streaming_megapixels * 1e6
-        # a small stack is decoded once; a large one is read plane by plane, each plane on its own handle
-        self.array = None if self.streamed else tiff_stack.read()
+    def __init__(self):
         self.feeds = []
         self.failed = False
         self.done = self.tiles = 0
         self.started = time.perf_counter()
 
-    @property
-    def planes(self):
-        return self.layout.planes
-
-    def plane_name(self, index):
-        stem, extension = os.path.splitext(os.path.basename(self.path))
-        return stem + self.layout.plane_key(index) + extension
-
-    def plane_source(self, index, options):
-        """The ImageSource of plane `index`."""
-        if self.array is not None:
-            return self._array_source(self.layout.plane(self.array, index))
-        stack = image_axes.TiffStack(self.path, options.series, options.channel_axis)
-        if not self.plane_streamed:
-            with stack:
-                return self._array_source(self.layout.plane(stack.array(), index))
-        return PlaneSource(self, stack, index)
-
-    def _array_source(self, plane):
-        source = image_sources.ArraySource(image_files.as_supported_image(plane, self.path), self.path)
-        source.pixel_size = self.pixel_size
-        return source
-
     def open_feeds(self, number_classes, dtype, options):
         """The writers of the stack's mask (and probability map), before its first plane is segmented."""
-        name = os.path.basename(self.path)
-        height, width = self.layout.height, self.layout.width
-        mask = mask_writers.StackTiffWriter(mask_writers.output_path(options.output_folder, name), self.description)
-        self.feeds = [StackFeed(self.planes, lambda planes: mask.write(
-            planes, (height, width), dtype, self.streamed, self.pixel_size))]
+        self.feeds = [StackFeed(self.planes, self._mask_write(dtype, number_classes, options))]
         if options.save_probabilities:
+            height, width = self.shape
             probabilities = mask_writers.StackTiffWriter(
-                mask_writers.probabilities_path(options.output_folder, name), self.description)
+                mask_writers.probabilities_path(options.output_folder, os.path.basename(self.path)),
+                self.description)
             self.feeds.append(StackFeed(self.planes, lambda planes: probabilities.write(
                 planes, (height, width, number_classes), "uint8", self.streamed, self.pixel_size)))
 
@@ -177,6 +150,79 @@ class TiffStackImage:
         for feed in self.feeds:
             feed.abort()
         return first
+
+
+class TiffStackImage(StackImage):
+    """A TIFF segmented plane by plane, written as one TIFF of its axes less C."""
+
+    def __init__(self, path, tiff_stack, streaming_megapixels):
+        super().__init__()
+        self.path = path
+        self.layout = layout = tiff_stack.layout
+        self.planes = layout.planes
+        self.shape = (layout.height, layout.width)
+        self.description = _description(layout, tiff_stack.kind, tiff_stack.imagej)
+        self.pixel_size = image_sources.read_pixel_size(tiff_stack.tiff)
+        plane_values = layout.height * layout.width * layout.channels
+        self.plane_streamed = plane_values >= streaming_megapixels * 1e6
+        self.streamed = plane_values * layout.planes >= streaming_megapixels * 1e6
+        # a small stack is decoded once; a large one is read plane by plane, each plane on its own handle
+        self.array = None if self.streamed else tiff_stack.read()
+
+    def describe(self):
+        return self.layout.describe()
+
+    def plane_source(self, index, options):
+        """The ImageSource of plane `index`."""
+        if self.array is not None:
+            return self._array_source(self.layout.plane(self.array, index))
+        stack = image_axes.TiffStack(self.path, options.series, options.channel_axis)
+        if not self.plane_streamed:
+            with stack:
+                return self._array_source(self.layout.plane(stack.array(), index))
+        return PlaneSource(self, stack, index)
+
+    def _array_source(self, plane):
+        source = image_sources.ArraySource(image_files.as_supported_image(plane, self.path), self.path)
+        source.pixel_size = self.pixel_size
+        return source
+
+    def _mask_write(self, dtype, number_classes, options):
+        mask = mask_writers.StackTiffWriter(
+            mask_writers.output_path(options.output_folder, os.path.basename(self.path)), self.description)
+        return lambda planes: mask.write(planes, self.shape, dtype, self.streamed, self.pixel_size)
+
+
+class ZarrStackImage(StackImage):
+    """An OME-Zarr image of more than one plane (t, z): an NGFF label image of its axes less c."""
+
+    def __init__(self, source):
+        super().__init__()
+        self.source = source
+        self.path = source.path
+        self.planes = source.planes
+        self.shape = source.shape[:2]
+        names = [name for name in source.axis_names if name != "c"]
+        self.description = StackDescription("".join(names[:-2]).upper() + "YX", source.stack_shape, "shaped", {})
+        self.streamed = True
+        self.pixel_size = None
+
+    def describe(self):
+        return f"{''.join(self.source.axis_names)} {'x'.join(str(size) for size in self.source.array.shape)}"
+
+    def plane_source(self, index, options):
+        return self.source.plane_source(index)
+
+    def _mask_write(self, dtype, number_classes, options):
+        target = ome_zarr_io.label_target(self.source, options.label_name, options.output_folder)
+
+        def write(planes):
+            written = ome_zarr_io.write_labels(self.source, planes, dtype, number_classes, options.label_name,
+                                               options.output_folder)
+            if written.replaced:
+                print(f"note: {target}: replaced the earlier label image of that name", flush=True)
+
+        return write
 
 
 class PlaneSource(image_sources.ImageSource):
@@ -205,9 +251,16 @@ class PlaneSource(image_sources.ImageSource):
         self.tiff_stack.close()
 
 
-def open_stack(path, options):
+def open_stack(path, options, zarr=False):
     """A TiffStackImage for a TIFF read plane by plane (a stack, a channel-first image, another series
-    or a pyramid), or None for an image read as a 2-D file always was."""
+    or a pyramid), a ZarrStackImage for an OME-Zarr image of several planes, or None for an image read
+    as a 2-D one always was."""
+    if zarr:
+        source = ome_zarr_io.ZarrSource.open(path)
+        if source.planes > 1:
+            return ZarrStackImage(source)
+        source.close()
+        return None
     if not image_axes.is_tiff(path):
         return None
     with image_axes.TiffStack(path, options.series, options.channel_axis) as tiff_stack:
