@@ -24,7 +24,10 @@ TIFF masks are zlib-compressed, tiled (1024x1024) when larger than one tile. TIF
 read from the file (uncompressed data directly, tiled/striped data segment by segment) and the mask is
 written tile by tile as a tiled BigTIFF, so images larger than memory work. png images give png
 masks; jpg images give png masks of the same name stem, because a mask must be stored losslessly.
-Each mask is written under a temporary name and renamed when complete.
+Each mask is written under a temporary name and renamed when complete. TIFF and OME-Zarr images
+are read by their axes: a z-stack or time series is segmented plane by plane (each plane with its
+own statistics) into one mask of the image's axes less C; --channel_axis settles a file without
+axes metadata (docs/inference.md, Stacks).
 
 From Python, fcdn.inference.segmenter.Segmenter does the same with keywords. The parts, each in its
 own module of fcdn/inference: segmenter.py (the options, the image list, the report), runner.py (images
