@@ -113,3 +113,10 @@ def test_read_image_refuses_a_stack_naming_its_axes(tmp_path):
     tifffile.imwrite(path, stack_values(3, 32, 32), imagej=True, metadata={"axes": "ZYX"})
     with pytest.raises(image_files.ImageFileError, match=r"z.tif: a stack of 3 planes \(ZYX 3x32x32\)"):
         image_files.read_image(str(path))
+
+
+def test_a_file_that_is_no_tiff_cannot_be_decoded(tmp_path):
+    path = tmp_path / "corrupt.tif"
+    path.write_bytes(b"II*\x00 this is not a tiff")
+    with pytest.raises(image_files.ImageFileError, match="corrupt.tif: cannot decode"):
+        image_files.read_image(str(path))

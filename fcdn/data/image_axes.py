@@ -184,6 +184,8 @@ class TiffStack:
 
     def _open(self, series, channel_axis):
         count = len(self.tiff.series)
+        if count == 0:
+            raise image_files.ImageFileError(f"{self.path}: cannot decode (no image in the file)")
         if not 0 <= series < count:
             raise image_files.ImageFileError(f"{self.path}: --series {series}: the file holds {count} series")
         self.series = self.tiff.series[series]
