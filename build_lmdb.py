@@ -19,7 +19,9 @@ import sys
 
 from fcdn.common.errors import OneLineArgumentParser, fail
 from fcdn.common.stopping import Interrupted, StopRequest
+from fcdn.data import image_axes
 from fcdn.data.lmdb_builder import build
+from fcdn.data.record_encoding import Reading
 
 
 def parse_args(argv=None):
@@ -46,9 +48,25 @@ def parse_args(argv=None):
                         "smaller images are reflect-padded at the bottom/right to one tile")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the train/test shuffle; without it one is drawn and printed")
+    parser.add_argument("--channel_axis", default="auto",
+                        help="TIFF images: which axis holds the channels. auto = the file's axes (ImageJ, "
+                        "OME-TIFF, tifffile metadata; HW or HWC without them), none = no channel axis, or an "
+                        "index into the stored array's axes; any axis beyond height, width and channels is a "
+                        "stack of planes, one record a plane (keys <stem>_z3, ...)")
+    parser.add_argument("--series", type=int, default=0, help="TIFF images: the series read from each file")
+    parser.add_argument("--same_mask_for_planes", type=int, choices=(0, 1), default=0,
+                        help="1: each mask is one 2-D mask for every plane of its image's stack; "
+                        "0: a stack's mask is a stack of the same axes and sizes")
     parser.add_argument("--workers", type=int, default=None,
                         help="decoding processes; None means one per core available to this process")
     return parser.parse_args(argv)
+
+
+def reading(args):
+    """How the files are read; ValueError (one line) for a bad --channel_axis or --series."""
+    if args.series < 0:
+        raise ValueError(f"--series {args.series} must be at least 0")
+    return Reading(image_axes.parse_channel_axis(args.channel_axis), args.series, bool(args.same_mask_for_planes))
 
 
 def main(argv=None):
@@ -57,7 +75,8 @@ def main(argv=None):
         try:
             stats = build(args.image_folder, args.mask_folder, args.output_folder, args.dataset_name,
                           args.train_fraction, args.image_format, bool(args.use_tiling), args.tile_size,
-                          args.seed, args.workers, log=lambda line: print(line, flush=True), cancel=stop.event)
+                          args.seed, args.workers, log=lambda line: print(line, flush=True), cancel=stop.event,
+                          reading=reading(args))
         except ValueError as error:
             fail(str(error))
         except (Interrupted, KeyboardInterrupt):

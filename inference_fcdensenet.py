@@ -24,7 +24,10 @@ TIFF masks are zlib-compressed, tiled (1024x1024) when larger than one tile. TIF
 read from the file (uncompressed data directly, tiled/striped data segment by segment) and the mask is
 written tile by tile as a tiled BigTIFF, so images larger than memory work. png images give png
 masks; jpg images give png masks of the same name stem, because a mask must be stored losslessly.
-Each mask is written under a temporary name and renamed when complete.
+Each mask is written under a temporary name and renamed when complete. TIFF and OME-Zarr images
+are read by their axes: a z-stack or time series is segmented plane by plane (each plane with its
+own statistics) into one mask of the image's axes less C; --channel_axis settles a file without
+axes metadata (docs/inference.md, Stacks).
 
 From Python, fcdn.inference.segmenter.Segmenter does the same with keywords. The parts, each in its
 own module of fcdn/inference: segmenter.py (the options, the image list, the report), runner.py (images
@@ -55,6 +58,14 @@ def parse_args(argv=None):
     parser.add_argument("--label_name", default=ome_zarr_io.DEFAULT_LABEL_NAME,
                         help="zarr images: the name of the NGFF label image written (labels/<name> inside "
                              "the image, replaced once the new one is complete)")
+    parser.add_argument("--channel_axis", default="auto",
+                        help="TIFF images: which axis holds the channels. auto = the file's axes (ImageJ, "
+                             "OME-TIFF, tifffile metadata; HW or HWC without them), none = no channel axis, or "
+                             "an index into the stored array's axes (0, -1, ...); height and width are then "
+                             "its last two other axes and any further axis is a stack of planes")
+    parser.add_argument("--series", type=int, default=0,
+                        help="TIFF images: the series to segment (a multi-series file; its full-resolution "
+                             "level when it is a pyramid)")
     parser.add_argument("--tile_size", type=int, default=0,
                         help="tiles hold at most tile_size x tile_size pixels (squares or, where that "
                              "computes fewer pixels, rectangles of no larger area): a multiple of 32 and at "
@@ -118,7 +129,8 @@ def main(argv=None):
             paths, args.output_folder, overlay_folder=args.overlay_folder, save_probabilities=args.save_probabilities,
             measure_objects=args.measure_objects,
             label_name=args.label_name, mask_folder=args.mask_folder, skip_existing=args.skip_existing,
-            num_parts=args.num_parts, part_id=args.part_id, split_image=args.split_image, progress=True)
+            num_parts=args.num_parts, part_id=args.part_id, split_image=args.split_image, progress=True,
+            channel_axis=args.channel_axis, series=args.series)
     except ValueError as error:  # a flag, the image folder or the model: one line, before any mask is written
         errors.fail(error)
     failures = [result.failure for result in results if result.error is not None]

@@ -15,7 +15,7 @@ objects of each class in each mask with their total and mean area. Masks of at l
 
 import sys
 
-from fcdn.common.errors import OneLineArgumentParser, fail
+from fcdn.common.errors import OneLineArgumentParser, fail, with_path
 from fcdn.data.ome_zarr_io import DEFAULT_LABEL_NAME
 from fcdn.measure import tables
 
@@ -47,8 +47,10 @@ def main(argv=None):
         failures = tables.measure_folder(args.mask_folder, args.output_folder, image_folder=args.image_folder,
                                          streaming_megapixels=args.streaming_megapixels,
                                          label_name=args.label_name, log=lambda line: print(line, flush=True))
-    except (ValueError, OSError) as error:
-        fail(str(error) if isinstance(error, ValueError) else f"{error.filename}: {error.strerror}")
+    except ValueError as error:
+        fail(str(error))
+    except OSError as error:
+        fail(with_path(error.filename or args.output_folder, error))
     if failures:
         print(f"failed masks: {len(failures)}", file=sys.stderr)
         sys.exit(1)

@@ -219,6 +219,20 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(tmp_path):
     assert read_rows(tmp_path / "out" / "objects_summary.csv") == []
 
 
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path):
+    import measure_objects
+
+    (tmp_path / "masks").mkdir()
+    tifffile.imwrite(tmp_path / "masks" / "good.tif", square_mask())
+    (tmp_path / "taken").write_text("a file where the output folder should go")
+    with pytest.raises(SystemExit) as stopped:
+        measure_objects.main(["--mask_folder", str(tmp_path / "masks"), "--output_folder",
+                              str(tmp_path / "taken" / "out")])
+    message = str(stopped.value.code)
+    assert message.startswith(f"error: {tmp_path / 'taken'}") and "Error: Not a directory" in message, message
+    assert "\n" not in message
+
+
 def test_masks_are_listed_and_matched_to_images_by_stem(tmp_path):
     (tmp_path / "images").mkdir()
     for name in ("a.tif", "a.png"):

@@ -38,17 +38,15 @@ def list_images(folder, image_format):
 
 
 def read_image(path):
-    """Decode a tif/png/jpg file into a numpy array (HW or HWC); ImageFileError if it cannot."""
+    """Decode a tif/png/jpg file into a numpy array (HW or HWC); ImageFileError if it cannot, or if it
+    is a stack of planes (image_axes reads those). A TIFF is read by its axes (image_axes)."""
     extension = os.path.splitext(path)[1].lstrip(".").lower()
+    if extension in ("tif", "tiff"):
+        return _read_tiff_image(path)
     try:
-        if extension in ("tif", "tiff"):
-            import tifffile
+        import imageio.v3 as iio
 
-            array = tifffile.imread(path)
-        else:
-            import imageio.v3 as iio
-
-            array = iio.imread(path)
+        array = iio.imread(path)
     except FileNotFoundError:
         raise ImageFileError(f"{path}: file does not exist") from None
     except Exception as error:  # decoders raise many types for a corrupt file
@@ -57,6 +55,21 @@ def read_image(path):
     if array.ndim not in (2, 3) or array.size == 0:
         raise ImageFileError(f"{path}: expected a 2-D image (HW or HWC), got shape {array.shape}")
     return array
+
+
+def _read_tiff_image(path):
+    from fcdn.data import image_axes
+
+    with image_axes.TiffStack(path) as stack:
+        layout = stack.layout
+        if layout.planes > 1:
+            raise ImageFileError(f"{path}: a stack of {layout.planes} planes ({layout.describe()}), "
+                                 f"not one 2-D image")
+        array = stack.read()
+    if array.size == 0:
+        raise ImageFileError(f"{path}: expected a 2-D image (HW or HWC), got shape {array.shape}")
+    plane = layout.plane(array, 0)
+    return plane if layout.channel is not None else plane[:, :, 0]
 
 
 def as_supported_image(array, path):

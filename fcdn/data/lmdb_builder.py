@@ -20,7 +20,7 @@ from fcdn.common import atomic_files
 from fcdn.common.errors import gist, shown
 from fcdn.data.build_pool import BuildPool, chunk_results, default_workers
 from fcdn.data.image_files import list_images, normalize_extension
-from fcdn.data.record_encoding import file_stem
+from fcdn.data.record_encoding import Reading, file_stem
 from fcdn.data.record_store import create_database, database_write_error, finish_database
 from fcdn.data.records import FILENAMES_CSV, SIZE_FACTOR
 
@@ -117,7 +117,8 @@ def open_output(output_folder, targets, stack):
         raise ValueError(f"{output_folder}: cannot write the databases there ({gist(error)})") from None
 
 
-def write_splits(splits, temporaries, targets, image_folder, mask_folder, tile, workers, log, cancel):
+def write_splits(splits, temporaries, targets, image_folder, mask_folder, tile, workers, log, cancel,
+                 reading=Reading()):
     """Write every split into its temporary directory; returns {split: (records, pixel bytes, padded)}."""
     pool = None
     try:
@@ -126,7 +127,7 @@ def write_splits(splits, temporaries, targets, image_folder, mask_folder, tile, 
         chunks = {}
         for split, files in splits.items():
             create_database(temporaries[split])
-            tasks = [(name, image_folder, mask_folder, tile) for name in files]
+            tasks = [(name, image_folder, mask_folder, tile, reading) for name in files]
             chunksize = max(1, min(16, len(tasks) // (4 * workers)))
             chunks[split] = [tasks[start:start + chunksize] for start in range(0, len(tasks), chunksize)]
         # one stream over both splits, so the workers go on with the test images while the train
@@ -151,8 +152,11 @@ def write_splits(splits, temporaries, targets, image_folder, mask_folder, tile, 
 
 def build(image_folder="data/images", mask_folder="data/masks", output_folder="data/", dataset_name="HES",
           train_fraction=0.8, image_format="tif", use_tiling=False, tile_size=512, seed=None, workers=None,
-          log=print, warn=None, cancel=None):
+          log=print, warn=None, cancel=None, reading=None):
     """Build train-/test-{dataset_name}.lmdb; returns a dict of counts, pixel bytes, seconds and the seed.
+
+    reading: a record_encoding.Reading (the channel axis, TIFF series, one mask for every plane); a
+    stack gives a record a plane, and the split keeps the planes of a file together.
 
     Raises ValueError (ImageFileError included) with a one-line message naming the file and the problem.
     Both databases replace earlier ones only once both are complete. Setting the `cancel` event (a
@@ -180,7 +184,7 @@ def build(image_folder="data/images", mask_folder="data/masks", output_folder="d
             log(f"building {targets['train']} ({len(splits['train'])} files) and {targets['test']} "
                 f"({len(splits['test'])} files) with {workers} worker process{'es' if workers > 1 else ''}")
             written = write_splits(splits, temporaries, targets, image_folder, mask_folder,
-                                   tile_size if use_tiling else 0, workers, log, cancel)
+                                   tile_size if use_tiling else 0, workers, log, cancel, reading or Reading())
     except OSError as error:  # reading errors are ImageFileErrors already: this is the output side
         raise ValueError(f"{error.filename or output_folder}: cannot write ({gist(error)})") from None
     padded = sorted(name for _, _, names_padded in written.values() for name in names_padded)

@@ -11,12 +11,12 @@
 Reading: `ZarrSource` opens the first multiscale of an OME-Zarr image and serves full-width bands of
 rows of its full-resolution level, read chunk by chunk (only the chunks the rows touch), and the
 per-channel normalisation statistics in one streaming pass. Axes come from the metadata: yx, cyx or
-yxc, with t and z accepted when of size 1.
+yxc, after any number of other axes (t, z: a stack of planes; plane_source(index) reads one).
 
 Writing: `write_labels` turns the bands of a mask, top to bottom, into an NGFF label image of the
 image's NGFF version, either inside the image (`labels/<name>`) or, with an output folder, as
 `<output_folder>/<stem>.zarr` whose `image-label.source.image` points back at the image. Its axes are
-the image's without the channel axis (t and z of size 1 are kept), and it has one level per image
+the image's without the channel axis (t and z are kept), and it has one level per image
 level, of the same height and width, with the image level's coordinate transformations, so it
 overlays the image level by level. Level 0 is written band by band, whole chunk rows at a time;
 level k is nearest-neighbour subsampled from the stored level k-1: label_k[i, j] =
@@ -35,8 +35,10 @@ is built) and the result is validated with them before it is listed; the input i
 (its own few keys only), since yxc images are not valid for those models.
 """
 
+import copy
 import dataclasses
 import json
+import math
 import os
 
 # Loaded before TensorFlow can be: TensorFlow exports a zstd of its own, and numcodecs' zstd, when
@@ -137,12 +139,12 @@ def _axis_names(path, multiscale, ndim):
 
 
 def _check_layout(path, names, shape):
-    """The image axes without t and z of size 1 must read yx, cyx or yxc."""
-    kept = "".join(name for name, size in zip(names, shape) if not (name in ("t", "z") and size == 1))
-    if kept not in ("yx", "cyx", "yxc"):
+    """The image's y, x and c axes must read yx, cyx or yxc, y and x after the stack's axes (t, z, ...)."""
+    kept = "".join(name for name in names if name in ("y", "x", "c"))
+    if kept not in ("yx", "cyx", "yxc") or [name for name in names if name != "c"][-2:] != ["y", "x"]:
         described = ", ".join(f"{name}={size}" for name, size in zip(names, shape))
         raise _fail(path, f"unsupported axes {''.join(names)} ({described}): expected yx, cyx or yxc, "
-                          "with t and z only of size 1")
+                          "after any stack axes (t, z)")
     return kept
 
 
@@ -166,6 +168,8 @@ class ZarrSource(image_sources.ImageSource):
         # The multiscale's own coordinateTransformations (applied after each level's), label axes only.
         self.global_transforms = global_transforms
         self.layout = _check_layout(path, names, array.shape)
+        self.stack_shape = tuple(size for name, size in zip(names, array.shape) if name not in ("y", "x", "c"))
+        self.position = (0,) * len(self.stack_shape)  # the plane read: its index along each stack axis
         sizes = dict(zip(names, array.shape))
         self.shape = (sizes["y"], sizes["x"], sizes.get("c", 1))
         if 0 in self.shape:
@@ -194,6 +198,7 @@ class ZarrSource(image_sources.ImageSource):
         names, axes = _axis_names(path, multiscale, arrays[0].ndim)
         if len(set(names)) != len(names) or any(array.ndim != len(names) for array in arrays):
             raise _fail(path, f"axes {''.join(names)} do not match every level's dimensions")
+        _check_layout(path, names, arrays[0].shape)
         levels = _levels(names, datasets, arrays)
         global_transforms = _label_transforms(multiscale.get("coordinateTransformations"), names) or None
         return cls(path, version, arrays[0], names, axes, levels, global_transforms)
@@ -203,12 +208,32 @@ class ZarrSource(image_sources.ImageSource):
         """The image's axes metadata without the channel axis: those of the label image."""
         return [axis for axis, name in zip(self.axes, self.axis_names) if name != "c"]
 
+    @property
+    def planes(self):
+        return math.prod(self.stack_shape)
+
+    def plane_position(self, index):
+        return tuple(int(at) for at in np.unravel_index(index, self.stack_shape)) if self.stack_shape else ()
+
+    def plane_key(self, index):
+        """What names a plane: '_z3', '_t1_z2' (axes of size 1 left out)."""
+        stack_names = [name for name in self.axis_names if name not in ("y", "x", "c")]
+        return "".join(f"_{name}{at}" for name, at, size in zip(stack_names, self.plane_position(index),
+                                                               self.stack_shape) if size > 1)
+
+    def plane_source(self, index):
+        """A source of plane `index` of the stack (the same array, another position)."""
+        plane = copy.copy(self)
+        plane.position = self.plane_position(index)
+        return plane
+
     def rows(self, start, stop):
-        """Pixels of rows [start, stop) as (stop - start, width, channels), read chunk-wise."""
+        """Pixels of rows [start, stop) of the plane as (stop - start, width, channels), read chunk-wise."""
         if not 0 <= start < stop <= self.shape[0]:
             raise ValueError(f"{self.path}: rows [{start}, {stop}) outside the image's {self.shape[0]} rows")
-        selection = tuple(0 if name in ("t", "z") else slice(start, stop) if name == "y" else slice(None)
-                          for name in self.axis_names)
+        position = iter(self.position)
+        selection = tuple(slice(start, stop) if name == "y" else slice(None) if name in ("x", "c")
+                          else next(position) for name in self.axis_names)
         band = np.asarray(self.array[selection])
         if self.layout == "yx":
             band = band[:, :, np.newaxis]
@@ -327,14 +352,14 @@ def _label_chunks(source):
 
 
 def _create_levels(group, source, dtype):
-    """One empty label array per image level, named 0, 1, ...; leading t/z axes of size 1."""
-    leading = len(source.label_axes) - 2
+    """One empty label array per image level, named 0, 1, ...; the image's stack axes (t, z) lead."""
+    leading = source.stack_shape
     chunk_height, chunk_width = _label_chunks(source)
     names = [axis["name"] for axis in source.label_axes]
     options = ({"dimension_names": names} if source.ngff_version == "0.5"
                else {"chunk_key_encoding": {"name": "v2", "separator": "/"}})  # NGFF 0.4 wants '/'
-    return [group.create_array(str(index), shape=(1,) * leading + (level.height, level.width),
-                               chunks=(1,) * leading + (chunk_height, chunk_width), dtype=dtype,
+    return [group.create_array(str(index), shape=leading + (level.height, level.width),
+                               chunks=(1,) * len(leading) + (chunk_height, chunk_width), dtype=dtype,
                                fill_value=0, **options)
             for index, level in enumerate(source.levels)]
 
@@ -358,16 +383,14 @@ def _chunk_rows(bands, height, width, chunk_height, dtype, path):
     yield from mask_writers.rebanded(_checked_bands(bands, height, width, path), chunk_height, width, dtype)
 
 
-def _write_full_resolution(array, bands, dtype, path):
-    leading = (0,) * (array.ndim - 2)
+def _write_full_resolution(array, bands, dtype, path, leading):
     height, width = array.shape[-2:]
     for row, rows in _chunk_rows(bands, height, width, array.chunks[-2], dtype, path):
         array[leading + (slice(row, row + len(rows)), slice(None))] = rows
 
 
-def _downsample(previous, array):
-    """Nearest-neighbour level from the stored previous one, one chunk row at a time."""
-    leading = (0,) * (array.ndim - 2)
+def _downsample(previous, array, leading):
+    """Nearest-neighbour level of plane `leading` from the stored previous one, one chunk row at a time."""
     (previous_height, previous_width), (height, width) = previous.shape[-2:], array.shape[-2:]
     factor_y = max(1, round(previous_height / height))
     factor_x = max(1, round(previous_width / width))
@@ -397,7 +420,8 @@ def finish_label_image(path, source, number_classes, name, source_image):
     group = zarr.open_group(path, mode="r+", zarr_format=ZARR_FORMATS[source.ngff_version])
     arrays = [group[str(index)] for index in range(len(source.levels))]
     for previous, array in zip(arrays, arrays[1:]):
-        _downsample(previous, array)
+        for index in range(source.planes):
+            _downsample(previous, array, source.plane_position(index))
     group.attrs.update(label_attributes(source, number_classes, name, source_image))
     validate_label_image(path, source.ngff_version)
     return len(arrays)
@@ -405,9 +429,11 @@ def finish_label_image(path, source, number_classes, name, source_image):
 
 def build_label_image(path, source, bands, dtype, number_classes, name, source_image):
     """Write a complete, validated label image as a zarr group in the empty folder `path`; returns
-    its level count."""
+    its level count. For a stack of planes, `bands` is an iterator of the planes' band iterators."""
     arrays = create_label_image(path, source, dtype)
-    _write_full_resolution(arrays[0], bands, np.dtype(dtype), source.path)
+    planes = bands if source.planes > 1 else [bands]
+    for index, plane in enumerate(planes):
+        _write_full_resolution(arrays[0], plane, np.dtype(dtype), source.path, source.plane_position(index))
     return finish_label_image(path, source, number_classes, name, source_image)
 
 
@@ -511,7 +537,8 @@ def _write_labels_listing(folder, version, document, listing):
 
 
 def write_labels(source, bands, dtype, number_classes, label_name=DEFAULT_LABEL_NAME, output_folder=None):
-    """Write the mask given as full-width bands of rows, top to bottom, as an NGFF label image.
+    """Write the mask given as full-width bands of rows, top to bottom, as an NGFF label image (a stack:
+    an iterator of its planes' band iterators, in plane order).
 
     Inside the image zarr (`labels/<label_name>`, added to the labels listing once complete) or, with
     `output_folder`, as `<output_folder>/<stem>.zarr` pointing back at the image. Returns a

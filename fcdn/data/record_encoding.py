@@ -4,13 +4,20 @@ Without tiling, a pair is centre-cropped to multiples of 32 (one record); with t
 into the reference's overlapping tiles. Pairs smaller than that are reflect-padded at the
 bottom/right first, so pixel (0, 0) keeps its place. The records are the reference's
 (fcdn/data/records.py), so databases built here load in the NIST reference tool and back.
+
+A TIFF is read by its axes (image_axes): a stack (z-stack, time series) gives a pair a plane, keyed
+`<stem>_z3` (`_t1_z2`...), with the plane of a mask stack of the same axes and sizes, or the one 2-D
+mask of the file for every plane when Reading.same_mask says so; channels, wherever the file keeps
+them, are last in the record.
 """
 
+import dataclasses
 import os
 
 import numpy as np
 
 from fcdn.common.errors import with_path
+from fcdn.data import image_axes
 from fcdn.data.image_files import (
     ImageFileError,
     as_mask,
@@ -69,6 +76,49 @@ def load_pair(image_path, mask_path):
     return image, mask
 
 
+@dataclasses.dataclass(frozen=True)
+class Reading:
+    """How the images are read: the channel axis ("auto", "none" or an index), the TIFF series, and
+    whether one 2-D mask stands for every plane of a stack."""
+
+    channel_axis: object = "auto"
+    series: int = 0
+    same_mask: bool = False
+
+
+def _mask_planes(image_path, mask_path, layout, reading):
+    """plane index -> the mask of that plane (a class map of the image's height and width)."""
+    if reading.same_mask:
+        mask = as_mask(read_image(mask_path), mask_path)
+        return lambda index: mask
+    mask_layout, masks = image_axes.read_planes(mask_path, "auto", reading.series)
+    if mask_layout.stack_shape != layout.stack_shape and masks.ndim == len(layout.stack_shape) + 2:
+        mask_layout = image_axes.layout("", masks.shape, "none", mask_path)  # no axes: as stored
+    if mask_layout.stack_shape != layout.stack_shape:
+        raise ImageFileError(f"{image_path}: a stack of {layout.planes} planes ({layout.describe()}) but its mask "
+                             f"{mask_path} is {mask_layout.describe()}: give a mask of the same axes and sizes, "
+                             f"or one 2-D mask for every plane with --same_mask_for_planes 1")
+    return lambda index: as_mask(mask_layout.plane(masks, index), mask_path)
+
+
+def load_planes(image_path, mask_path, reading):
+    """(key suffix, image, mask) of every plane of an image file and its mask; one '' pair for a 2-D image."""
+    if not image_axes.is_tiff(image_path):
+        yield "", *load_pair(image_path, mask_path)
+        return
+    layout, array = image_axes.read_planes(image_path, reading.channel_axis, reading.series)
+    masks = _mask_planes(image_path, mask_path, layout, reading)
+    for index in range(layout.planes):
+        image = as_supported_image(layout.plane(array, index), image_path)
+        check_finite(image_path, non_finite_pixels(image))
+        mask = masks(index)
+        if image.shape[:2] != mask.shape:
+            what = f"plane {layout.plane_key(index)[1:]}" if layout.planes > 1 else "image"
+            raise ImageFileError(f"{image_path}: {what} is {image.shape[0]}x{image.shape[1]} but its mask "
+                                 f"{mask_path} is {mask.shape[0]}x{mask.shape[1]} (height x width)")
+        yield layout.plane_key(index), image, mask
+
+
 def pair_records(image, mask, stem, tile_size):
     """(key, value) records of one pair, the cropped pair or its tiles, and their bytes of pixels."""
     if tile_size:
@@ -85,12 +135,16 @@ def pair_records(image, mask, stem, tile_size):
 
 
 def encode_file(task):
-    """Worker: one file name -> its records and pixel bytes, or an error message naming the file."""
-    name, image_folder, mask_folder, tile_size = task
+    """Worker: one file name -> its records (those of every plane of a stack) and pixel bytes, or an
+    error message naming the file."""
+    name, image_folder, mask_folder, tile_size, reading = task
     image_path, mask_path = os.path.join(image_folder, name), os.path.join(mask_folder, name)
+    records, pixel_bytes = [], 0
     try:
-        image, mask = load_pair(image_path, mask_path)
-        records, pixel_bytes = pair_records(image, mask, file_stem(name), tile_size)
+        for key, image, mask in load_planes(image_path, mask_path, reading):
+            plane_records, plane_bytes = pair_records(image, mask, file_stem(name) + key, tile_size)
+            records += plane_records
+            pixel_bytes += plane_bytes
     except ImageFileError as error:
         return {"error": str(error)}
     except Exception as error:  # an unexpected failure still names the file, not a worker traceback

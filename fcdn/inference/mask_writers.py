@@ -142,3 +142,54 @@ def probabilities_path(output_folder, image_name):
 def probabilities_writer(output_folder, image_name):
     """The writer of an image's probability map: one uint8 channel per class (255 = probability 1)."""
     return TiffMaskWriter(probabilities_path(output_folder, image_name))
+
+
+def _stack_options(description, pixel_size, samples):
+    """TiffWriter and write() keyword arguments of a stack's output: its axes in the image's kind of
+    metadata (ImageJ hyperstack, OME, or tifffile's own), and the image's pixel size."""
+    axes = description.axes + ("S" if samples else "")
+    opener, options = {}, {"photometric": "minisblack"}
+    if pixel_size is not None and pixel_size.resolution is not None:
+        options.update(resolution=pixel_size.resolution, resolutionunit=pixel_size.resolution_unit)
+    ome = dict(pixel_size.ome) if pixel_size is not None and pixel_size.ome else {}
+    if description.kind == "imagej" and not samples:  # an ImageJ hyperstack holds no samples but RGB
+        opener["imagej"] = True
+        options["metadata"] = dict(description.imagej, axes=axes)
+    elif description.kind == "ome" or ome:
+        opener["ome"] = True
+        options["metadata"] = dict(ome, axes=axes)
+    else:
+        options["metadata"] = {"axes": axes}
+    if samples:
+        options["planarconfig"] = "contig"
+    return opener, options
+
+
+class StackTiffWriter(MaskWriter):
+    """A stack's mask or probability map: one zlib-compressed TIFF of the image's axes less C, fed the
+    bands of its planes one plane after the other (an iterator of per-plane band iterators).
+
+    description: `axes` (the stack axes and YX), `stack_shape`, `kind` ('imagej', 'ome' or 'shaped')
+    and `imagej` (the ImageJ metadata kept: unit, spacing, finterval). A streamed stack is written
+    tile by tile as a tiled BigTIFF (an ImageJ one as a classic TIFF, which ImageJ requires).
+    """
+
+    def __init__(self, path, description):
+        super().__init__(path)
+        self.description = description
+
+    def _write(self, path, planes, shape, dtype, streamed, pixel_size):
+        import tifffile
+
+        samples = shape[2:]
+        full_shape = tuple(self.description.stack_shape) + shape
+        opener, options = _stack_options(self.description, pixel_size, samples)
+        tiled = streamed or shape[0] > OUTPUT_TIFF_TILE or shape[1] > OUTPUT_TIFF_TILE
+        if streamed:
+            data = (tile for bands in planes for tile in tiff_tiles(bands, shape[1], dtype, samples))
+        else:
+            data = np.stack([np.concatenate(list(bands)) for bands in planes]).reshape(full_shape)
+        big = not opener.get("imagej") and (streamed or data.nbytes >= BIGTIFF_BYTES)
+        with tifffile.TiffWriter(path, bigtiff=big, **opener) as writer:
+            writer.write(data, shape=full_shape, dtype=dtype, compression="zlib",
+                         tile=(OUTPUT_TIFF_TILE, OUTPUT_TIFF_TILE) if tiled else None, **options)

@@ -21,7 +21,8 @@ class Progress:
 
     def image_done(self, result):
         if self.bar is None:
-            print(f"{errors.shown(os.path.basename(result.path))}: {result.height}x{result.width}, {result.tiles} tile(s), "
+            planes = f" x {result.planes} planes" if result.planes > 1 else ""
+            print(f"{errors.shown(os.path.basename(result.path))}: {result.height}x{result.width}{planes}, {result.tiles} tile(s), "
                   f"{result.seconds:.2f} s", flush=True)
         else:
             self.bar.update(1)

@@ -21,7 +21,7 @@ import numpy as np
 
 from fcdn.common import errors, qc_pictures
 from fcdn.data import image_files, image_sources, ome_zarr_io
-from fcdn.inference import mask_writers, pipeline, segmentation, tiling
+from fcdn.inference import mask_writers, pipeline, segmentation, stacks, tiling
 from fcdn.measure import banded, tables
 
 # images prepared ahead of the model: the next one's statistics pass (a whole read of a large image)
@@ -41,6 +41,8 @@ class RunnerOptions:
     save_probabilities: bool = False
     overlay_folder: str = None
     measure_objects: bool = False  # an object table <stem>_objects.csv beside each mask
+    channel_axis: object = "auto"  # TIFF: "auto" (the file's axes), "none" or an axis index (image_axes)
+    series: int = 0  # TIFF: the series segmented
 
 
 @dataclasses.dataclass
@@ -55,6 +57,11 @@ class ImageResult:
     seconds: float = 0.0
     error: Exception = None
     confusion: np.ndarray = None
+    planes: int = 1  # a stack's planes, each height x width
+
+    @property
+    def megapixels(self):
+        return self.height * self.width * self.planes / 1e6
 
     @property
     def failure(self):
@@ -79,6 +86,7 @@ class ImageJob:
     outputs: tuple
     consumers: tuple
     started: float
+    stack: object = None  # a plane of a stacks.TiffStackImage
 
     @property
     def single_tile(self):
@@ -179,18 +187,58 @@ def prepare_image(path, metadata, options):
     started = time.perf_counter()
     name = os.path.basename(os.path.normpath(path))
     source = open_image(path, options)
+    return prepare_job(path, source, lambda: output_consumers(source, name, metadata, options), metadata,
+                       options, started)
+
+
+def prepare_job(path, source, outputs, metadata, options, started, stack=None):
+    """Check an open source against the model, choose its outputs (`outputs()`: (Output, consumer)
+    pairs, checked before any work) and compute its statistics: an ImageJob; the source is closed
+    on failure."""
     try:
         height, width, channels = source.shape
         if channels != metadata["number_channels"]:
             raise image_files.ImageFileError(
                 f"{path}: image has {channels} channel(s), the model expects {metadata['number_channels']}")
         grid = tiling.tile_grid(height, width, options.tile_size, metadata["radius"], metadata["size_factor"])
-        outputs, consumers = zip(*output_consumers(source, name, metadata, options))
+        pairs, consumers = zip(*outputs())
         mean, std = source.statistics()
     except BaseException:
         source.close()
         raise
-    return ImageJob(path, source, grid, mean, std, outputs, consumers, started)
+    return ImageJob(path, source, grid, mean, std, pairs, consumers, started, stack)
+
+
+def prepare_planes(stack, metadata, options):
+    """(path, ImageJob or None, error or None) for every plane of a stack, in order; the first failure
+    ends them (the stack then writes nothing)."""
+    dtype = image_files.mask_dtype(metadata["number_classes"] - 1)
+    middle = stack.planes // 2
+    for index in range(stack.planes):
+        if stack.failed:
+            return
+        started = time.perf_counter()
+        try:
+            if options.measure_objects:
+                raise image_files.ImageFileError(
+                    f"{stack.path}: object tables are measured on 2-D images; this is a stack of "
+                    f"{stack.planes} planes ({stack.describe()})")
+            if index == 0:
+                stack.open_feeds(metadata["number_classes"], dtype, options)
+            source = stack.plane_source(index, options)
+
+            def outputs(source=source, index=index):
+                pairs = stack.plane_outputs(index, dtype)
+                if options.overlay_folder is not None and index == middle:
+                    pairs.append((None, overlay_consumer(source, os.path.basename(stack.path),
+                                                         options.overlay_folder)))
+                return pairs
+
+            yield stack.path, prepare_job(stack.path, source, outputs, metadata, options, started, stack), None
+        except Exception as error:  # the stack fails as one image
+            if stack.fail():
+                yield stack.path, None, error
+            return
 
 
 def with_image_rows(bands, source, count):
@@ -224,12 +272,34 @@ def segment_file(path, predict, metadata, options):
 
 
 def prepared(paths, metadata, options):
-    """(path, ImageJob or None, error or None) for every path, in order."""
+    """(path, ImageJob or None, error or None) for every path (every plane of a stack), in order."""
     for path in paths:
         try:
+            stack = stacks.open_stack(path, options, zarr=is_zarr_image(path))
+            if stack is not None:
+                yield from prepare_planes(stack, metadata, options)
+                continue
             yield path, prepare_image(path, metadata, options), None
         except Exception as error:  # one bad image must not stop the others
             yield path, None, error
+
+
+def reported(job, result):
+    """The result to report for a job: a 2-D image's own; for a plane of a stack, the stack's once
+    its last plane is written (sizes of a plane, tiles and seconds of all), or its first failure."""
+    stack = job.stack
+    if stack is None:
+        return result
+    if result.error is not None:
+        return result if stack.fail() else None
+    if stack.failed:
+        return None
+    stack.done += 1
+    stack.tiles += result.tiles
+    if stack.done < stack.planes:
+        return None
+    return ImageResult(stack.path, result.height, result.width, stack.tiles, time.perf_counter() - stack.started,
+                       planes=stack.planes)
 
 
 def groups(prepared_images, budget):
@@ -255,15 +325,21 @@ def run_group(group, predict, options):
     batch_size = tiling.tiles_per_batch(options.batch_size, group[0].grid.tile_shape, options.tile_size)
     if not group[0].single_tile:
         job = group[0]
-        yield finish_image(job, segmentation.tile_probabilities(job.source, job.grid, predict, job.mean, job.std,
-                                                                batch_size))
+        try:
+            result = finish_image(job, segmentation.tile_probabilities(job.source, job.grid, predict, job.mean,
+                                                                       job.std, batch_size))
+        except Exception as error:
+            if job.stack is None:
+                raise
+            result = ImageResult(job.path, error=error)
+        yield job, result
         return
     images = [(job.source, job.grid, job.mean, job.std) for job in group]
     for index, tile in segmentation.single_tile_probabilities(images, predict, batch_size):
         try:
-            yield finish_image(group[index], [tile])
+            yield group[index], finish_image(group[index], [tile])
         except Exception as error:  # a failed write of one image must not stop the others
-            yield ImageResult(group[index].path, error=error)
+            yield group[index], ImageResult(group[index].path, error=error)
 
 
 def segment_images(paths, predict, metadata, options, device_count=1):
@@ -277,10 +353,14 @@ def segment_images(paths, predict, metadata, options, device_count=1):
             continue
         done = 0
         try:
-            for result in run_group(group, predict, options):
+            for job, result in run_group(group, predict, options):
                 done += 1
-                yield result
+                result = reported(job, result)
+                if result is not None:
+                    yield result
         except Exception as failure:  # the model failed: the group's other images fail, the rest go on
             for job in group[done:]:
                 job.source.close()
-                yield ImageResult(job.path, error=failure)
+                result = reported(job, ImageResult(job.path, error=failure))
+                if result is not None:
+                    yield result

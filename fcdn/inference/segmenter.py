@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from fcdn.common import errors, qc_pictures, segmentation_metrics
-from fcdn.data import image_files, ome_zarr_io
+from fcdn.data import image_axes, image_files, ome_zarr_io
 from fcdn.inference import engines, mask_writers, runner, segmentation, split_image, tiling
 from fcdn.inference.progress import Progress
 from fcdn.inference.runner import ImageResult, RunnerOptions
@@ -162,14 +162,22 @@ def make_folders(options):
             raise ValueError(f"{folder}: cannot create the {what} folder ({errors.gist(error)})") from None
 
 
-def score_mask(predicted_path, mask_folder, number_classes):
-    """Confusion matrix of a written mask against the ground truth of the same file name."""
+def _read_mask_stack(path):
+    """A stack's mask as stored (its axes, C left out), for scoring plane against plane."""
+    with image_axes.TiffStack(path) as stack:
+        return stack.read()
+
+
+def score_mask(predicted_path, mask_folder, number_classes, planes=1):
+    """Confusion matrix of a written mask (of `planes` planes) against the ground truth of the same file name."""
     truth_path = os.path.join(mask_folder, os.path.basename(predicted_path))
-    truth = image_files.read_image(truth_path)
-    predicted = image_files.read_image(predicted_path)
+    read = image_files.read_image if planes == 1 else _read_mask_stack
+    truth = read(truth_path)
+    predicted = read(predicted_path)
     if truth.shape != predicted.shape:
-        raise ValueError(f"{truth_path}: ground truth is {truth.shape[1]}x{truth.shape[0]}, "
-                         f"the image {predicted.shape[1]}x{predicted.shape[0]}")
+        sizes = "x".join(str(size) for size in reversed(truth.shape))
+        raise ValueError(f"{truth_path}: ground truth is {sizes}, "
+                         f"the mask {'x'.join(str(size) for size in reversed(predicted.shape))}")
     try:
         return segmentation_metrics.confusion_matrix(truth, predicted, number_classes)
     except ValueError as error:
@@ -180,7 +188,7 @@ def scored(result, output_folder, mask_folder, number_classes):
     """The result with its mask's confusion matrix, or with the error that kept it from being scored."""
     try:
         written = mask_writers.output_path(output_folder, os.path.basename(result.path))
-        return dataclasses.replace(result, confusion=score_mask(written, mask_folder, number_classes))
+        return dataclasses.replace(result, confusion=score_mask(written, mask_folder, number_classes, result.planes))
     except Exception as error:  # a bad ground truth fails its image, not the others
         return dataclasses.replace(result, error=error)
 
@@ -232,7 +240,7 @@ class Segmenter:
 
     def segment_files(self, image_paths, output_folder=None, *, overlay_folder=None, save_probabilities=False,
                       measure_objects=False, label_name=ome_zarr_io.DEFAULT_LABEL_NAME, mask_folder=None, skip_existing=False,
-                      num_parts=1, part_id=0, split_image=False, progress=False):
+                      num_parts=1, part_id=0, split_image=False, progress=False, channel_axis="auto", series=0):
         """Segment image files (tif, png, jpg) and OME-Zarr images (.zarr folders); returns an ImageResult
         per image segmented, in order.
 
@@ -246,12 +254,17 @@ class Segmenter:
         part_id: segment every num_parts-th image from part_id (None: from a SLURM job array).
         split_image: every part takes its share of the chunk rows of every image instead (OME-Zarr
         images only); the part that completes an image's label writes its pyramid and metadata.
-        progress: a bar on a terminal, else a line per image.
+        progress: a bar on a terminal, else a line per image. channel_axis, series: how TIFF files are
+        read (image_axes): "auto" (the file's axes), "none" or the index of the channel axis; the
+        series segmented. A stack is segmented plane by plane into one mask of its axes less C.
         """
         options = RunnerOptions(tile_size=self.tile_size, output_folder=output_folder, batch_size=self.batch_size,
                                 streaming_megapixels=self.streaming_megapixels, label_name=label_name,
                                 save_probabilities=bool(save_probabilities), overlay_folder=overlay_folder,
-                                measure_objects=bool(measure_objects))
+                                measure_objects=bool(measure_objects),
+                                channel_axis=image_axes.parse_channel_axis(channel_axis), series=int(series))
+        if options.series < 0:
+            raise ValueError(f"--series {series} must be at least 0")
         if isinstance(image_paths, (str, os.PathLike)):
             raise ValueError(f"{os.fspath(image_paths)}: give a list of image paths (image_paths(folder, format) "
                              f"lists a folder's)")
@@ -330,7 +343,7 @@ class Segmenter:
 
     def _log_summary(self, results, seconds, mask_folder):
         done = [result for result in results if result.error is None]
-        megapixels = sum(result.height * result.width / 1e6 for result in done)
+        megapixels = sum(result.megapixels for result in done)
         self.log(f"done: {len(done)} image(s) segmented, {len(results) - len(done)} failed, "
                  f"{megapixels:.1f} Mpx in {seconds:.1f} s ({megapixels / max(seconds, 1e-9):.2f} Mpx/s)")
         if mask_folder is not None:

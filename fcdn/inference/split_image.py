@@ -74,6 +74,9 @@ class ImagePart:
     def __init__(self, source, metadata, options, settings, num_parts, part_id):
         self.source, self.options = source, options
         height, width, channels = source.shape
+        if source.planes > 1:
+            raise image_files.ImageFileError(f"{source.path}: a stack of {source.planes} planes: --split_image 1 "
+                                             "splits images of one plane")
         if channels != metadata["number_channels"]:
             raise image_files.ImageFileError(
                 f"{source.path}: image has {channels} channel(s), the model expects {metadata['number_channels']}")
