@@ -115,15 +115,18 @@ def main():
         constant = lambda: tf.data.Dataset.from_tensor_slices(batch).repeat()
         constant_iterator = iter(distribute(strategy, constant, global_batch))
 
+        print(f"warming up: {options.warmup_steps} steps per input", flush=True)
         time_steps(trainer, constant_iterator, options.warmup_steps, stop)
         time_steps(trainer, reader_iterator, options.warmup_steps, stop)
+        shown = sys.stdout  # progress lines bypass the starvation counter
         sys.stdout = counter
         counter.counting = True
         pairs = []  # (constant seconds, reader seconds) of adjacent blocks
         try:
-            for _ in range(options.blocks):
+            for index in range(options.blocks):
                 pairs.append((time_steps(trainer, constant_iterator, options.steps, stop),
                               time_steps(trainer, reader_iterator, options.steps, stop)))
+                print(f"timed block {index + 1} of {options.blocks}", file=shown, flush=True)
         finally:
             sys.stdout = counter.stream
         images = options.steps * global_batch
