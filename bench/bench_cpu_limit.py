@@ -20,8 +20,9 @@ exported once and run on the default engine (OpenVINO on a CPU):
 The last line's ratio is the lowest of those shares (target 0.9: the script loses at most 10% to
 everything that is not the model).
 
-Sizes: the full-size run (a 4096x4096 image in the default tiles, 200 images) takes over an hour
-of FCDenseNet103 on a 2-core machine, so the defaults are scaled down to run in under 10 minutes
+Sizes: the full size (a 4096x4096 image in the default tiles, 200 images) is about 40 computed
+megapixels a model, the engine's own passes included; at the 0.023 and 0.015 Mpx/s FCDenseNet56 and
+103 reached on a loaded 2-core machine that is over an hour, so the defaults are scaled down to run in under 10 minutes
 there: a 512x512 image (one tile of the default size, so its kept share is 100%; the full size's
 4096x4096 keeps 87% of 6 tiles) and 8 images. Exporting the two models (their radius measured by a
 gradient, the SavedModel traced and converted to OpenVINO) takes much of those minutes; a progress
