@@ -7,8 +7,9 @@
    Model: the tiniest FC-DenseNet (one layer per block, growth 2, 8 first filters), so that this
    takes 3-5 minutes on 2 shared CPU cores; with a real model the memory is dominated by the
    activations of one batch (FCDenseNet56: about 11 GB for the default 2048x2048 pixels a batch).
-2. Speed: megapixels per second on a 4096x4096 uint16 image (a mosaic of data/images) for this
-   implementation (default tiles, whole-image statistics, tiles batched, radius from the export; on
+2. Speed: megapixels per second on a 2048x2048 uint16 image (a mosaic of data/images) for this
+   implementation (tiles of at most 1024x1024: the default 2048 on a 4096x4096 image, scaled down by
+   2 on each side; whole-image statistics, tiles batched, radius from the export; on
    the default engine, OpenVINO on a CPU, and on TensorFlow for comparison)
    and for a baseline doing what the reference does: a gradient-probe radius measured for every
    image with the reference's absolute threshold (reference_radius below; the stored radius comes
@@ -16,11 +17,11 @@
    then 832-pixel tiles stepping by 832 - 2 radius, clipped at the border, run one at a time.
    Same model (a small custom FC-DenseNet, 2 layers per block, growth 4, untrained; stored radius
    96, the reference's probe 128; FCDenseNet56 would take over 7 minutes for this part), same
-   SavedModel, same run; each side runs twice (A B B A) and keeps its best time.
+   SavedModel, same run; each side runs twice (A B C C B A) and keeps its best time.
 
-Measured here: 4.7 minutes on a lightly loaded machine, up to about 10 while other jobs shared its 2 cores
-(TensorFlow only); with both engines, 2026-12-01, under a load of 12-15 on the 2 cores: 27 minutes.
-The machine is shared, so only the ratio is meaningful.
+The full size (a 4096x4096 image with the default tiles) took 27 minutes under a load of 12-15 on a
+2-core machine (2026-12-01); the scaled-down speed part brings it under 10. A line of progress per
+phase. The machine is shared, so only the ratio is meaningful.
 """
 
 import os
@@ -41,9 +42,15 @@ from fcdn.inference import (
 )
 
 REFERENCE_TILE = 832
-SPEED_SIZE = 4096
+SPEED_SIZE = 2048
+SPEED_TILE = 1024  # SPEED_SIZE / 2, as the default 2048 is on a 4096x4096 image
 MEMORY_SIZE = 16384
 MEMORY_TARGET_GB = 2.5
+STARTED = time.perf_counter()
+
+
+def progress(text):
+    print(f"[{time.perf_counter() - STARTED:5.0f} s] {text}", flush=True)
 
 
 def mosaic(size):
@@ -152,7 +159,7 @@ def reference_kept_share(shape, radius):
 
 
 def this_implementation(image, metadata, predict):
-    tile_size = tiling.check_tile_size(0, metadata["radius"], metadata["size_factor"])
+    tile_size = tiling.check_tile_size(SPEED_TILE, metadata["radius"], metadata["size_factor"])
     grid = tiling.tile_grid(*image.shape, tile_size, metadata["radius"], metadata["size_factor"])
     batch_size = tiling.tiles_per_batch(0, grid.tile_shape, tile_size)
     mask = segmentation.segment_array(image, predict, metadata, tile_size, batch_size)
@@ -177,6 +184,7 @@ def measure_speed(workdir):
     sides = list(dict.fromkeys([f"ours-{engine}", "ours-tensorflow", "reference"]))
     times, results = {side: [] for side in sides}, {}
     for side in sides + sides[::-1]:
+        progress(f"speed: {side}")
         started = time.perf_counter()
         if side == "reference":
             baseline_mask, computed, baseline_radius = reference_approach(image, model, predictors["tensorflow"])
@@ -203,9 +211,11 @@ def measure_speed(workdir):
 
 def main():
     with tempfile.TemporaryDirectory(prefix="bench_inference_") as workdir:
+        progress(f"memory: the script on a {MEMORY_SIZE}x{MEMORY_SIZE} TIFF, in a subprocess")
         peak_gb, seconds = measure_memory(workdir)
         print(f"peak resident memory for a {MEMORY_SIZE}x{MEMORY_SIZE} uint16 TIFF: {peak_gb:.2f} GB "
               f"(target < {MEMORY_TARGET_GB} GB), {seconds:.0f} s")
+        progress(f"speed: exporting the model; a {SPEED_SIZE}x{SPEED_SIZE} image")
         ours, baseline, engine = measure_speed(workdir)
     print(f"inference Mpx/s (tiled batched on {engine} vs reference approach) ratio={ours / baseline:.2f} "
           f"target=2.0")

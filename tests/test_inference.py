@@ -108,6 +108,16 @@ def test_a_forward_pass_holds_at_most_tile_size_squared_pixels():
     assert tiling.tiles_per_batch(5, (1024, 1024), 1024) == 5  # an explicit --batch_size wins
 
 
+def test_an_automatic_batch_on_the_cpu_holds_one_256_pixel_tile():
+    cpu = tiling.automatic_batch_pixels("openvino", ["CPU"])
+    assert cpu == tiling.automatic_batch_pixels("tensorflow", ["/job:localhost/replica:0/task:0/device:CPU:0"])
+    assert tiling.tiles_per_batch(0, (256, 256), 2048, cpu) == 1
+    assert tiling.tiles_per_batch(0, (64, 64), 2048, cpu) == 16  # tiny tiles still share a pass
+    assert tiling.tiles_per_batch(0, (1504, 2144), 2048, cpu) == 1
+    gpu = tiling.automatic_batch_pixels("tensorflow", ["/job:localhost/replica:0/task:0/device:GPU:0"])
+    assert tiling.tiles_per_batch(0, (256, 256), 2048, gpu) == 64  # a GPU's budget: tile_size squared
+
+
 def test_mask_dtype_and_output_names():
     def mask_dtype(number_classes):  # the mask holds classes up to number_classes - 1
         return image_files.mask_dtype(number_classes - 1)

@@ -35,7 +35,8 @@ class RunnerOptions:
 
     tile_size: int  # already checked against the model's radius (tiling.check_tile_size)
     output_folder: str = None  # None: OME-Zarr images keep their labels inside; other images need one
-    batch_size: int = 0  # tiles per forward pass; 0: as many as fit in tile_size x tile_size pixels
+    batch_size: int = 0  # tiles per forward pass; 0: as many as fit in batch_pixels
+    batch_pixels: int = 0  # an automatic batch's pixels; 0: tile_size^2 (tiling.automatic_batch_pixels)
     streaming_megapixels: float = 64.0  # TIFF images this large are read and written tile by tile
     label_name: str = ome_zarr_io.DEFAULT_LABEL_NAME
     save_probabilities: bool = False
@@ -265,7 +266,8 @@ def finish_image(job, tiles):
 def segment_file(path, predict, metadata, options):
     """Segment one image and write its outputs; returns (height, width, tile count)."""
     job = prepare_image(path, metadata, options)
-    batch_size = tiling.tiles_per_batch(options.batch_size, job.grid.tile_shape, options.tile_size)
+    batch_size = tiling.tiles_per_batch(options.batch_size, job.grid.tile_shape, options.tile_size,
+                                        options.batch_pixels)
     tiles = segmentation.tile_probabilities(job.source, job.grid, predict, job.mean, job.std, batch_size)
     result = finish_image(job, tiles)
     return result.height, result.width, result.tiles
@@ -322,7 +324,8 @@ def groups(prepared_images, budget):
 
 def run_group(group, predict, options):
     """Segment a group of jobs (several single-tile ones batched, or one of many tiles)."""
-    batch_size = tiling.tiles_per_batch(options.batch_size, group[0].grid.tile_shape, options.tile_size)
+    batch_size = tiling.tiles_per_batch(options.batch_size, group[0].grid.tile_shape, options.tile_size,
+                                        options.batch_pixels)
     if not group[0].single_tile:
         job = group[0]
         try:
@@ -345,7 +348,8 @@ def run_group(group, predict, options):
 def segment_images(paths, predict, metadata, options, device_count=1):
     """An ImageResult per path, in order; the next images are prepared while the model runs."""
     def budget(job):  # images per group: a batch for every device
-        return tiling.tiles_per_batch(options.batch_size, job.grid.tile_shape, options.tile_size) * device_count
+        return device_count * tiling.tiles_per_batch(options.batch_size, job.grid.tile_shape, options.tile_size,
+                                                     options.batch_pixels)
 
     for group, error in groups(pipeline.prefetch(prepared(paths, metadata, options), LOOK_AHEAD), budget):
         if error is not None:

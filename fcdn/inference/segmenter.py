@@ -206,7 +206,8 @@ class Segmenter:
     engine: "auto" (OpenVINO where TensorFlow sees one device, a CPU, and openvino is installed),
     "openvino" or "tensorflow". tile_size: tiles hold at most tile_size x tile_size pixels (0: 2048,
     or 4x the model's radius when that is larger). batch_size: tiles per forward pass (0: as many as
-    fit in tile_size x tile_size pixels). tta: average the softmax over the 8 flips and quarter turns.
+    fit in tile_size x tile_size pixels on a GPU, in 256x256 pixels on the CPU: tiling.CPU_BATCH_PIXELS).
+    tta: average the softmax over the 8 flips and quarter turns.
     streaming_megapixels: TIFF images this large are read and written tile by tile. devices:
     TensorFlow device names to spread the model over (None: every visible one). log: where the
     lines the script prints go.
@@ -275,7 +276,8 @@ class Segmenter:
         num_parts, part_id = job_array_part(num_parts, part_id)
         mine = self._share(paths, num_parts, part_id, skip_existing, options, split_image)
         self.load()
-        options = dataclasses.replace(options, tile_size=self.tile_size)
+        options = dataclasses.replace(options, tile_size=self.tile_size,
+                                      batch_pixels=tiling.automatic_batch_pixels(self.engine, self.device_names))
         make_folders(options)
         self._log_setup(options)
         started = time.perf_counter()

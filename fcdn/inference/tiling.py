@@ -21,6 +21,12 @@ import numpy as np
 # or FCDenseNet103 (2.7 and 2.8 GB per megapixel: peak memory of a forward pass on this CPU), so a
 # 16 GB GPU holds it.
 DEFAULT_TILE_SIZE = 2048
+# On a CPU a pixel costs the same at any batch size (FCDenseNet56 on 256x256 images, one or 8 a pass,
+# interleaved: 3.06 and 3.16 s an image), so a GPU's budget would only add memory there (64 images
+# of 256x256 hold about 11 GB of activations) and make each image wait for its batch's last: an
+# automatic batch on the CPU holds one 256x256 tile's pixels (several smaller tiles, whose per-call
+# overhead batching still amortises)
+CPU_BATCH_PIXELS = 256 * 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,9 +148,18 @@ def check_tile_size(tile_size, radius, size_factor=32):
     return tile_size
 
 
-def tiles_per_batch(batch_size, tile_shape, tile_size):
-    """--batch_size, or for 0 as many tiles as fit in the tile_size^2 pixels a forward pass may hold."""
-    return batch_size or max(1, tile_size * tile_size // (tile_shape[0] * tile_shape[1]))
+def tiles_per_batch(batch_size, tile_shape, tile_size, batch_pixels=0):
+    """--batch_size, or for 0 as many tiles as fit in the pixels a forward pass may hold: batch_pixels,
+    or tile_size^2 when that is 0 (a GPU's memory; CPU engines pass CPU_BATCH_PIXELS)."""
+    budget = batch_pixels or tile_size * tile_size
+    return batch_size or max(1, budget // (tile_shape[0] * tile_shape[1]))
+
+
+def automatic_batch_pixels(engine, device_names):
+    """The pixel budget of an automatic batch: CPU_BATCH_PIXELS where the model runs on the CPU (OpenVINO,
+    or TensorFlow on CPU devices), else 0 (tile_size^2, sized for a GPU's memory)."""
+    on_cpu = engine == "openvino" or all("CPU" in name.upper().rsplit("/", 1)[-1] for name in device_names)
+    return CPU_BATCH_PIXELS if on_cpu else 0
 
 
 def reflect_index(length, padded_length):
