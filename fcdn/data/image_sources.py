@@ -82,10 +82,9 @@ class BlockStatistics:
     non_finite: int
 
 
-def merge_statistics(path, blocks):
-    """Per-channel (mean, std) of the image whose blocks of rows, top to bottom, are `blocks`
-    (BlockStatistics), merged in that order (Chan et al.): the same blocks give the same bits, whoever
-    computed them. ImageFileError when a pixel is NaN or Inf."""
+def merged_blocks(blocks):
+    """The BlockStatistics of consecutive blocks of rows, merged in their order (Chan et al.): the
+    same blocks give the same bits, whoever computed them."""
     channels = len(blocks[0].mean)
     count, mean, m2, non_finite = 0, np.zeros(channels), np.zeros(channels), 0
     for block in blocks:
@@ -95,8 +94,24 @@ def merge_statistics(path, blocks):
         mean = mean + delta * block.count / total
         m2 = m2 + block.m2 + delta**2 * count * block.count / total
         count = total
-    image_files.check_finite(path, non_finite)
-    return mean, np.sqrt(m2 / count)
+    return BlockStatistics(count, mean, m2, non_finite)
+
+
+def merge_statistics(path, blocks):
+    """Per-channel (mean, std) of the image whose blocks of rows, top to bottom, are `blocks`
+    (BlockStatistics). ImageFileError when a pixel is NaN or Inf."""
+    merged = merged_blocks(blocks)
+    image_files.check_finite(path, merged.non_finite)
+    return merged.mean, np.sqrt(merged.m2 / merged.count)
+
+
+def _piece_statistics(piece):
+    non_finite = image_files.non_finite_pixels(piece)
+    piece = piece.astype(np.float32)
+    mean = piece.mean(axis=(0, 1), dtype=np.float64)
+    piece -= mean.astype(np.float32)  # in place: one float32 copy of the piece, not two
+    m2 = np.square(piece, dtype=np.float64).sum(axis=(0, 1))
+    return BlockStatistics(piece.shape[0] * piece.shape[1], mean, m2, non_finite)
 
 
 class ImageSource:
@@ -127,13 +142,14 @@ class ImageSource:
         return [(start, min(start + step, height)) for start in range(0, height, step)]
 
     def block_statistics(self, start, stop):
-        """The BlockStatistics of rows [start, stop): what statistics() merges, block by block."""
+        """The BlockStatistics of rows [start, stop): what statistics() merges, block by block.
+
+        A block may be a whole strip or chunk (decoded once); it is taken STATISTICS_BLOCK_PIXELS
+        values at a time, so that its float copies stay that small whatever the file's layout."""
         block = self.rows(start, stop)
-        non_finite = image_files.non_finite_pixels(block)
-        block = block.astype(np.float32)
-        mean = block.mean(axis=(0, 1), dtype=np.float64)
-        m2 = np.square(block - mean.astype(np.float32), dtype=np.float64).sum(axis=(0, 1))
-        return BlockStatistics(block.shape[0] * block.shape[1], mean, m2, non_finite)
+        rows = max(1, STATISTICS_BLOCK_PIXELS // (block.shape[1] * block.shape[2]))
+        return merged_blocks([_piece_statistics(block[first:first + rows])
+                              for first in range(0, block.shape[0], rows)])
 
     def statistics(self):
         """Per-channel mean and std (float64) in one pass over blocks of rows (Chan et al.'s merge)."""
