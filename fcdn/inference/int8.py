@@ -16,6 +16,7 @@ calibration tiles agree, and the gate is checked again. A model that still fails
 
 import hashlib
 import importlib
+import logging
 import os
 
 import numpy as np
@@ -143,6 +144,7 @@ def quantize(openvino, nncf, model, tiles, accuracy_control=True, log=print):
     with accuracy control where that fails the gate, unless `accuracy_control` is False), and the
     gate's figures on those (passed: agreement >= GATE; the model is None when it failed)."""
     calibration, held = split(tiles)
+    nncf.set_log_level(logging.WARNING)  # its INFO lines list every layer it leaves alone
     core = openvino.Core()
     float_compiled = core.compile_model(model, "CPU")
     reference = [_masks(float_compiled, calibration), _masks(float_compiled, held)]
