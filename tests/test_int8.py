@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 import tifffile
-from conftest import DATA_IMAGES, TINY
+from conftest import DATA_IMAGES, REPO_ROOT, TINY
 
 import inference_fcdensenet as inference
 from fcdn.inference import engines, int8, openvino_cache
@@ -181,3 +181,20 @@ def test_openvino_output_writes_the_int8_model_to_ship(probed_model, tmp_path, c
     model = openvino.Core().read_model(str(folder / "model.xml"))
     assert any(op.get_type_name() == "FakeQuantize" for op in model.get_ordered_ops())
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"wrote the OpenVINO model (int8) to {folder}"
+
+
+def test_calibration_tiles_come_from_the_training_database_the_model_records(tmp_path):
+    database = os.path.join(REPO_ROOT, "tests", "fixtures", "nist-built-lmdb", "tiled128", "train-nist.lmdb")
+    metadata = {"number_channels": 1, "training": {"train_database": os.path.abspath(database)}}
+    tiles, source = int8.calibration_tiles(metadata, count=16)
+    assert source == os.path.abspath(database)
+    assert len(tiles) == 20 and {tile.shape for tile in tiles} == {(128, 128, 1)}  # 16 and 4 held out of 27 records
+    assert all(abs(float(tile.mean())) < 1e-3 and tile.dtype == np.float32 for tile in tiles)  # z-scored
+    assert [len(part) for part in int8.split(tiles)] == [16, 4]
+    assert int8.tiles_digest(tiles) != int8.tiles_digest(int8.calibration_tiles(metadata, count=12)[0])
+    metadata["training"]["train_database"] = str(tmp_path / "moved.lmdb")
+    with pytest.raises(ValueError, match=f"but its training database {tmp_path / 'moved.lmdb'} is not there: "
+                                         f"give --calibration_folder"):
+        int8.calibration_tiles(metadata, count=16)
+    with pytest.raises(ValueError, match="model takes 3"):
+        int8.calibration_tiles(dict(metadata, number_channels=3), calibration_folder=DATA_IMAGES, count=16)
