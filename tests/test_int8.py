@@ -198,3 +198,11 @@ def test_calibration_tiles_come_from_the_training_database_the_model_records(tmp
         int8.calibration_tiles(metadata, count=16)
     with pytest.raises(ValueError, match="model takes 3"):
         int8.calibration_tiles(dict(metadata, number_channels=3), calibration_folder=DATA_IMAGES, count=16)
+
+
+def test_image_folder_may_be_left_out_only_to_write_the_openvino_model(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        inference.main(["--saved_model_filepath", str(tmp_path), "--output_folder", str(tmp_path / "out")])
+    assert str(exit_info.value.code) == ("error: --image_folder is required (unless --openvino_output alone is "
+                                         "wanted)")
+    assert inference.parse_args(["--saved_model_filepath", "m", "--image_folder", "i"]).precision == "float32"
