@@ -4,11 +4,11 @@
 
 FCDenseNet56 (1 channel, 2 classes, random weights: speed does not depend on the weights) exported
 once and quantized by NNCF as --precision int8 does (fcdn/inference/int8.post_training), calibrated
-on 32 tiles of 256x256 from data/images. Both models are compiled as inference compiles them
-(engines.OpenVinoPredictor) and run on a 2048x2048 mosaic of data/images in 16 tiles of 512x512, A B B A with
+on 16 tiles of 256x256 from data/images. Both models are compiled as inference compiles them
+(engines.OpenVinoPredictor) and run on a 1024x1024 mosaic of data/images in 4 tiles of 512x512, A B B A with
 the best time of each (the machine may be shared and its load drifts), after one warm-up call each.
 Also prints the share of pixels whose mask agrees, which says nothing of a trained model's: an
-untrained network's classes are near ties. Takes 3-8 minutes on 2 shared cores.
+untrained network's classes are near ties. Takes about 5 minutes on 2 cores under a load of 12-15.
 """
 
 import os
@@ -23,9 +23,9 @@ sys.path.insert(0, REPO_ROOT)
 
 from fcdn.inference import engines, int8, openvino_cache  # noqa: E402
 
-SIZE = 2048
+SIZE = 1024
 TILE = 512
-CALIBRATION_TILES = 32
+CALIBRATION_TILES = 16
 
 
 def export_fcdensenet56(path):
@@ -40,13 +40,14 @@ def export_fcdensenet56(path):
 
 
 def large_image():
-    """2048x2048 z-scored pixels: 64 of the repository's 256x256 images side by side."""
+    """SIZE x SIZE z-scored pixels: the repository's 256x256 images side by side."""
     from fcdn.data import image_files
 
     folder = os.path.join(REPO_ROOT, "data", "images")
-    names = sorted(os.listdir(folder))[:64]
+    side = SIZE // 256
+    names = sorted(os.listdir(folder))[:side * side]
     images = [image_files.read_image(os.path.join(folder, name)) for name in names]
-    mosaic = np.block([[images[8 * row + column] for column in range(8)] for row in range(8)])
+    mosaic = np.block([[images[side * row + column] for column in range(side)] for row in range(side)])
     return image_files.zscore_normalize(mosaic)[np.newaxis]
 
 
