@@ -29,6 +29,10 @@ are read by their axes: a z-stack or time series is segmented plane by plane (ea
 own statistics) into one mask of the image's axes less C; --channel_axis settles a file without
 axes metadata (docs/inference.md, Stacks).
 
+--precision int8 runs an 8-bit OpenVINO model quantized with NNCF on tiles of the training database
+(or --calibration_folder), used only where its masks agree with float32's on 99.5% of held-out
+pixels; --openvino_output writes the OpenVINO model to ship (docs/inference.md).
+
 From Python, fcdn.inference.segmenter.Segmenter does the same with keywords. The parts, each in its
 own module of fcdn/inference: segmenter.py (the options, the image list, the report), runner.py (images
 prepared ahead and batched), tiling.py (the tile grid), segmentation.py (the tile loop: probabilities,
@@ -48,7 +52,8 @@ def parse_args(argv=None):
     parser = errors.OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--saved_model_filepath", required=True,
                         help="SavedModel folder exported by train_fcdensenet.py")
-    parser.add_argument("--image_folder", required=True, help="folder of images to segment")
+    parser.add_argument("--image_folder", default=None,
+                        help="folder of images to segment (required unless --openvino_output alone is wanted)")
     parser.add_argument("--output_folder", default=None,
                         help="folder for the masks (created if missing; must differ from --image_folder); "
                              "required but for zarr images, whose labels go inside each image when unset")
@@ -110,6 +115,24 @@ def parse_args(argv=None):
     parser.add_argument("--engine", choices=engines.ENGINES, default="auto",
                         help="runtime of the model: auto = OpenVINO where TensorFlow sees one device, a CPU, "
                              "and the openvino package is installed, else TensorFlow (on every device)")
+    parser.add_argument("--precision", choices=engines.PRECISIONS, default="float32",
+                        help="int8: run an 8-bit OpenVINO model quantized with NNCF (pip install nncf), made "
+                             "once and cached, used only where its masks agree with float32's on at least "
+                             "99.5%% of the pixels of held-out tiles (else float32 runs, and a line says so)")
+    parser.add_argument("--calibration_folder", default=None,
+                        help="--precision int8: images (tif, png, jpg) to calibrate on; unset: the tiles of "
+                             "the training database recorded in the model")
+    parser.add_argument("--calibration_tiles", type=int, default=300,
+                        help="--precision int8: tiles (of at most 256x256 pixels) to calibrate on; a quarter "
+                             "as many more are held out for the agreement check")
+    parser.add_argument("--accuracy_control", type=int, default=1, choices=(0, 1),
+                        help="--precision int8: 1 = where plain quantization fails the agreement check, "
+                             "quantize again keeping the layers that lose the most in float32 (slower: "
+                             "minutes to hours for large models); 0 = use float32 at once")
+    parser.add_argument("--openvino_output", default=None,
+                        help="also write the OpenVINO model of --precision to this folder (model.xml, "
+                             "model.bin, the model's metadata and record.json with the int8 agreement), to "
+                             "run with OpenVINO elsewhere; without --image_folder, only that")
     parser.add_argument("--mask_folder", default=None,
                         help="optional folder of ground-truth masks under the images' file names: the "
                              "masks written are scored against them (pixel accuracy, IoU per class, "
@@ -120,11 +143,23 @@ def parse_args(argv=None):
 def main(argv=None):
     startup.quiet_tensorflow()
     args = parse_args(argv)
+    log = functools.partial(print, flush=True)
+    calibration = dict(calibration_folder=args.calibration_folder, calibration_tiles=args.calibration_tiles,
+                       accuracy_control=bool(args.accuracy_control))
     try:
+        if args.image_folder is None and args.openvino_output is None:
+            raise ValueError("--image_folder is required (unless --openvino_output alone is wanted)")
+        if args.openvino_output is not None:
+            engines.check_engine(args.engine, args.precision)
+            engines.write_conversion(args.saved_model_filepath, args.openvino_output, args.precision, log=log,
+                                     **calibration)
+            log(f"wrote the OpenVINO model ({args.precision}) to {args.openvino_output}")
+        if args.image_folder is None:
+            return
         paths = image_paths(args.image_folder, args.image_format)
         segmenter = Segmenter(args.saved_model_filepath, engine=args.engine, tile_size=args.tile_size,
                               batch_size=args.batch_size, tta=args.tta, streaming_megapixels=args.streaming_megapixels,
-                              log=functools.partial(print, flush=True))
+                              precision=args.precision, log=log, **calibration)
         results = segmenter.segment_files(
             paths, args.output_folder, overlay_folder=args.overlay_folder, save_probabilities=args.save_probabilities,
             measure_objects=args.measure_objects,

@@ -30,6 +30,22 @@ def export_tiny_model(path, number_channels, number_classes, seed):
     return saved_model.load_saved_model(path)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def openvino_cache(tmp_path_factory):
+    """The OpenVINO conversions of the tests' models go to a folder of the session (and the scripts the
+    tests start inherit it), never into the user's own cache."""
+    from fcdn.inference import openvino_cache
+
+    folder = str(tmp_path_factory.mktemp("cache") / "fcdensenet")
+    previous = os.environ.get(openvino_cache.CACHE_ENV)
+    os.environ[openvino_cache.CACHE_ENV] = folder
+    yield folder
+    if previous is None:
+        os.environ.pop(openvino_cache.CACHE_ENV, None)
+    else:
+        os.environ[openvino_cache.CACHE_ENV] = previous
+
+
 @pytest.fixture(scope="session")
 def gray_model(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("models") / "gray")

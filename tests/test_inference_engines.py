@@ -16,6 +16,7 @@ from conftest import REPO_ROOT, export_tiny_model, run_inference
 
 import inference_fcdensenet as inference
 from fcdn.inference import engines as inference_engines
+from fcdn.inference import openvino_cache
 
 MASK_AGREEMENT = 0.9999
 
@@ -26,9 +27,9 @@ def agreement(first, second):
 
 
 def copy_model(source, folder):
-    """A private copy of an export, without any OpenVINO cache, for tests that write into it."""
+    """A private copy of an export, for tests that write into it."""
     target = os.path.join(folder, os.path.basename(source))
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns(inference_engines.CACHE_FOLDER))
+    shutil.copytree(source, target)
     return target
 
 
@@ -52,17 +53,60 @@ def test_cache_key_follows_the_graph_the_variables_and_the_openvino_version(tmp_
     for name in ("saved_model.pb", "fcdensenet_metadata.json", "variables/variables.index",
                  "variables/variables.data-00000-of-00001"):
         (tmp_path / name).write_bytes(b"first")
-    key = inference_engines.cache_key(str(tmp_path), "2026.4")
-    (tmp_path / inference_engines.CACHE_FOLDER).mkdir()  # the cache itself is not hashed
-    (tmp_path / inference_engines.CACHE_FOLDER / "model.xml").write_bytes(b"anything")
-    assert inference_engines.cache_key(str(tmp_path), "2026.4") == key
-    assert inference_engines.cache_key(str(tmp_path), "2026.5") != key
+    key = openvino_cache.model_key(str(tmp_path), "2026.4")
+    assert openvino_cache.model_key(str(tmp_path), "2026.5") != key
     for name in ("saved_model.pb", "variables/variables.data-00000-of-00001", "fcdensenet_metadata.json"):
         original = (tmp_path / name).read_bytes()
         (tmp_path / name).write_bytes(b"second")
-        assert inference_engines.cache_key(str(tmp_path), "2026.4") != key, name
+        assert openvino_cache.model_key(str(tmp_path), "2026.4") != key, name
         (tmp_path / name).write_bytes(original)
-    assert inference_engines.cache_key(str(tmp_path), "2026.4") == key
+    assert openvino_cache.model_key(str(tmp_path), "2026.4") == key
+    # a file added anywhere in the folder (a planted conversion included) is part of the model
+    (tmp_path / "openvino").mkdir()
+    (tmp_path / "openvino" / "model.xml").write_bytes(b"anything")
+    assert openvino_cache.model_key(str(tmp_path), "2026.4") != key
+
+
+def test_links_out_of_the_model_and_special_files_are_refused_in_one_line(tmp_path):
+    model = tmp_path / "model"
+    (model / "variables").mkdir(parents=True)
+    (model / "saved_model.pb").write_bytes(b"graph")
+    (model / "variables" / "variables.index").write_bytes(b"index")
+    # links that stay inside are read as the files they name
+    os.symlink("../saved_model.pb", model / "variables" / "graph_again")
+    os.symlink("variables", model / "same_variables")
+    key = openvino_cache.model_key(str(model), "2026.4")
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"weights of another network")
+    for target in ("/dev/zero", str(outside), "/etc"):
+        link = model / "variables" / "variables.data-00000-of-00001"
+        os.symlink(target, link)
+        with pytest.raises(ValueError) as error:
+            openvino_cache.model_key(str(model), "2026.4")
+        message = str(error.value)
+        assert message.startswith(f"{link}: a link out of the SavedModel (to {os.path.realpath(target)})")
+        assert "\n" not in message
+        os.remove(link)
+    os.mkfifo(model / "variables" / "pipe")  # read, it would wait for a writer for ever
+    with pytest.raises(ValueError, match=r"pipe: not a regular file or folder .* in the SavedModel"):
+        openvino_cache.model_key(str(model), "2026.4")
+    os.remove(model / "variables" / "pipe")
+    assert openvino_cache.model_key(str(model), "2026.4") == key
+
+
+def test_the_cache_is_the_users_own_folder(tmp_path, monkeypatch):
+    assert openvino_cache.cache_root({"HOME": "/home/ada"}) == "/home/ada/.cache/fcdensenet"
+    assert openvino_cache.cache_root({"XDG_CACHE_HOME": "/scratch/ada"}) == "/scratch/ada/fcdensenet"
+    assert openvino_cache.cache_root({"XDG_CACHE_HOME": "/scratch/ada",
+                                      openvino_cache.CACHE_ENV: "/fast/cache"}) == "/fast/cache"
+    monkeypatch.setenv(openvino_cache.CACHE_ENV, str(tmp_path / "mine"))
+    assert openvino_cache.write(None, "0" * 64, None, {"precision": "float32"})
+    assert os.stat(tmp_path / "mine").st_mode & 0o777 == 0o700
+    assert openvino_cache.read(None, "0" * 64)[1]["precision"] == "float32"
+    # a cache folder that others may write to is not this user's alone: nothing read from it, nothing written
+    os.chmod(tmp_path / "mine", 0o777)
+    assert openvino_cache.read(None, "0" * 64) == (None, None)
+    assert not openvino_cache.write(None, "1" * 64, None, {"precision": "float32"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,14 +170,25 @@ def test_streamed_tiled_masks_equal_tensorflows(gray_model, mosaic, tmp_path):
 def test_second_load_reuses_the_cache_and_a_changed_model_invalidates_it(tmp_path, monkeypatch):
     import openvino
 
+    monkeypatch.setenv(openvino_cache.CACHE_ENV, str(tmp_path / "cache"))
     first = export_tiny_model(str(tmp_path / "first"), number_channels=1, number_classes=2, seed=4)[0]
     second = export_tiny_model(str(tmp_path / "second"), number_channels=1, number_classes=2, seed=5)[0]
     path = str(tmp_path / "first")
     images = np.random.default_rng(0).standard_normal((1, 64, 64, 1), dtype=np.float32)
+    # a conversion of another network planted in the model folder, with the key of the model's files
+    # as an earlier version kept it there: never run
+    planted = os.path.join(path, "openvino")
+    os.mkdir(planted)
+    other = openvino.convert_model(str(tmp_path / "second"))
+    openvino.save_model(other, os.path.join(planted, "model.xml"), compress_to_fp16=False)
+    with open(os.path.join(planted, "source.json"), "w") as handle:
+        handle.write('{"key": "%s"}' % openvino_cache.model_key(path, openvino.__version__))
     predict = inference_engines.load_predictor(path, "openvino")[0]
-    cache = os.path.join(path, inference_engines.CACHE_FOLDER)
-    assert sorted(os.listdir(cache)) == ["model.bin", "model.xml", "source.json"]
+    assert np.abs(predict(images) - first(images)).max() < 1e-5
+    cache = openvino_cache.conversion_folder(openvino_cache.model_key(path, openvino.__version__))
+    assert sorted(os.listdir(cache)) == ["model.bin", "model.xml", "record.json"]
     assert os.path.getsize(os.path.join(cache, "model.bin")) > 0
+    assert os.stat(tmp_path / "cache").st_mode & 0o777 == 0o700  # the user's alone
     written = os.stat(os.path.join(cache, "model.xml"))
 
     def no_conversion(*args, **kwargs):
@@ -146,14 +201,14 @@ def test_second_load_reuses_the_cache_and_a_changed_model_invalidates_it(tmp_pat
     assert (reread.st_ino, reread.st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
     np.testing.assert_array_equal(cached(images), predict(images))
 
-    # new weights (the second model's graph and variables) in the same folder, the old cache left there
+    # new weights (the second model's graph and variables) in the same folder: another key, converted again
     shutil.copy2(tmp_path / "second" / "saved_model.pb", os.path.join(path, "saved_model.pb"))
     shutil.rmtree(os.path.join(path, "variables"))
     shutil.copytree(tmp_path / "second" / "variables", os.path.join(path, "variables"))
     reloaded = inference_engines.load_predictor(path, "openvino")[0]
     assert np.abs(reloaded(images) - second(images)).max() < 1e-5
     assert np.abs(reloaded(images) - first(images)).max() > 1e-3
-    assert os.stat(os.path.join(cache, "model.xml")).st_ino != written.st_ino  # rewritten for the new model
+    assert len(os.listdir(os.path.dirname(cache))) == 2
 
 
 def read_only_command(command, folder):
@@ -172,7 +227,7 @@ def read_only_command(command, folder):
 
 
 @pytest.mark.slow
-def test_read_only_model_folder_converts_in_memory(gray_model, tmp_path):
+def test_read_only_model_folder_runs_and_gets_nothing_written(gray_model, tmp_path):
     path = copy_model(gray_model[0], str(tmp_path))
     check = ("import sys, numpy as np; from fcdn.inference import engines as e; "
              "p, _, name = e.load_predictor(sys.argv[1], 'openvino'); "
@@ -182,8 +237,7 @@ def test_read_only_model_folder_converts_in_memory(gray_model, tmp_path):
     assert result.returncode == 0, result.stderr
     name, probability = result.stdout.split()[-2:]
     assert name == "openvino" and 0.5 <= float(probability) <= 1.0
-    exported = set(os.listdir(gray_model[0])) - {inference_engines.CACHE_FOLDER}
-    assert sorted(os.listdir(path)) == sorted(exported)  # no cache, no leftovers
+    assert sorted(os.listdir(path)) == sorted(os.listdir(gray_model[0]))  # no cache, no leftovers
     for parent, _, _ in os.walk(path):
         os.chmod(parent, 0o755)  # so that pytest can remove it
 
@@ -223,4 +277,4 @@ def test_a_model_openvino_cannot_convert(gray_model, tmp_path, capsys):
     assert message.startswith(f"error: {path}: OpenVINO cannot convert this SavedModel")
     assert message.endswith("use --engine tensorflow") and "\n" not in message
     assert not (tmp_path / "out").exists()
-    assert not os.path.exists(os.path.join(path, inference_engines.CACHE_FOLDER))
+    assert sorted(os.listdir(path)) == sorted(os.listdir(gray_model[0]))  # nothing written into the model

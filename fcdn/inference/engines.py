@@ -2,56 +2,67 @@
 
     predict, metadata, engine = load_predictor("runs/x/saved_model")              # "auto"
     predict, metadata, engine = load_predictor("runs/x/saved_model", "tensorflow")
+    predict, metadata, engine = load_predictor("runs/x/saved_model", precision="int8")   # OpenVINO, 8-bit
     softmax = predict(batch)   # as saved_model.load_saved_model's predict: float32 NHWC in, softmax out
     predict, metadata, device_names, engine = load_model("runs/x/saved_model")   # every visible device
 
 "auto" picks OpenVINO when TensorFlow sees no GPU and the openvino package imports, else TensorFlow.
-OpenVINO reads the SavedModel itself (openvino.convert_model); the converted model (IR: model.xml and
-model.bin) is cached in an `openvino/` folder inside the SavedModel when that folder is writable, keyed
-by a hash of the SavedModel's files and the OpenVINO version, so a re-exported model or another
-OpenVINO is converted again; in a read-only folder the conversion is done once per load, in memory.
-The model is compiled once for dynamic batch, height and width, in float32. load_model spreads a
-TensorFlow model over every visible device (or the devices named) instead, when there are several.
+OpenVINO reads the SavedModel itself (openvino.convert_model); the converted model is kept in this
+user's cache, outside the model folder, keyed by a hash of the SavedModel's files and the OpenVINO
+version (fcdn/inference/openvino_cache.py), so a re-exported model or another OpenVINO is converted
+again and a conversion found in a model folder is never run. precision "int8" runs the model
+quantized by NNCF (fcdn/inference/int8.py), cached the same way and keyed by its calibration too.
+The model is compiled once for dynamic batch, height and width, in float32 (int8 where quantized).
+load_model spreads a TensorFlow model over every visible device (or the devices named) instead, when
+there are several.
 """
 
 import hashlib
 import importlib
 import json
 import os
+import shutil
 
 import numpy as np
 
 from fcdn.common import atomic_files, errors
+from fcdn.inference import int8, openvino_cache
 
 ENGINES = ("auto", "openvino", "tensorflow")
-CACHE_FOLDER = "openvino"
-CACHE_KEY_FILE = "source.json"
-IR_NAME = "model.xml"
+PRECISIONS = ("float32", "int8")
 
 
-def check_engine(engine):
-    """ValueError unless `engine` is one of ENGINES."""
+def check_engine(engine, precision="float32"):
+    """ValueError unless `engine` is one of ENGINES and `precision` one of PRECISIONS that it runs."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "int8" and engine == "tensorflow":
+        raise ValueError("--precision int8 runs on OpenVINO: use --engine openvino or auto, not tensorflow")
 
 
-def load_model(path, engine="auto", device_names=None):
+def load_model(path, engine="auto", device_names=None, **precision):
     """(predict, metadata, device names, engine name): OpenVINO on the CPU (see load_predictor), or a
     TensorFlow copy of the model on every device of `device_names` (TensorFlow device names; None:
-    every visible device). ValueError (one line) for a missing or bad model or engine."""
+    every visible device). `precision` holds load_predictor's keywords of that name. ValueError (one
+    line) for a missing or bad model or engine."""
     path = os.fspath(path)
-    check_engine(engine)
+    check_engine(engine, precision.get("precision", "float32"))
     if not os.path.isdir(path):
         raise ValueError(f"{path}: SavedModel folder does not exist")
     from fcdn.common import devices
     from fcdn.model import saved_model
 
+    if precision.get("precision", "float32") != "float32":
+        engine = "openvino"  # int8 models run on OpenVINO only
     if device_names is not None and engine == "openvino":
         raise ValueError("OpenVINO runs on the CPU: name TensorFlow devices with the tensorflow engine")
     names = list(device_names) if device_names is not None else devices.inference_devices()
     if engine == "openvino" or (engine == "auto" and device_names is None and len(names) == 1):
-        predict, metadata, chosen = load_predictor(path, engine)
+        predict, metadata, chosen = load_predictor(path, engine, **precision)
         return predict, metadata, (["CPU"] if chosen == "openvino" else names), chosen
+    openvino_cache.model_files(path)  # links out and devices refused for every engine
     # named devices get their copy placed there; the one visible device needs no placement
     placed = device_names is not None or len(names) > 1
     loaded = [saved_model.load_saved_model(path, device if placed else None) for device in names]
@@ -59,28 +70,52 @@ def load_model(path, engine="auto", device_names=None):
     return predict, loaded[0][1], names, "tensorflow"
 
 
-def load_predictor(saved_model_path, engine="auto"):
+def load_predictor(saved_model_path, engine="auto", precision="float32", calibration_folder=None,
+                   calibration_tiles=300, accuracy_control=True, log=print):
     """Return (predict, metadata, engine_name) for an export, engine_name "openvino" or "tensorflow".
 
-    predict has saved_model.load_saved_model's contract. Raises ValueError (one line, naming the path or
-    the package) for a bad model, an unknown engine, "openvino" without the package, or a model that
-    OpenVINO cannot convert.
+    predict has saved_model.load_saved_model's contract; an OpenVINO one says the precision it runs
+    (`predict.precision`). precision "int8" (OpenVINO only): the model quantized on
+    `calibration_tiles` tiles of `calibration_folder` (None: the training database the model
+    records), quantized again with accuracy control (unless `accuracy_control` is False) where plain
+    quantization fails, used when its masks agree with float32's (the gate); `log` gets its figures or why
+    float32 runs instead. Raises ValueError (one line, naming the path or the package) for a bad
+    model, an unknown engine or precision, a missing package, a link out of the model folder, or a
+    model that OpenVINO cannot convert.
     """
     path = os.fspath(saved_model_path)
-    check_engine(engine)
+    check_engine(engine, precision)
     from fcdn.model import saved_model  # here, not at the top: the scripts' --help and flag errors start no TensorFlow
 
     metadata = saved_model.read_metadata(path)
-    openvino, import_error = _import_openvino() if engine != "tensorflow" else (None, None)
-    if engine == "openvino" and openvino is None:
-        raise ValueError(f"--engine openvino needs the openvino package (pip install openvino): {import_error}")
+    openvino_cache.model_files(path)  # links out and devices refused for every engine
+    openvino = _openvino_for(precision, engine)
     if engine == "auto":
         engine = "openvino" if openvino is not None and not _tensorflow_sees_a_gpu() else "tensorflow"
     if engine == "tensorflow":
         predict, metadata = saved_model.load_saved_model(path)
         return predict, metadata, "tensorflow"
-    model = _openvino_model(openvino, path, metadata)
-    return OpenVinoPredictor(openvino, model, metadata["number_channels"]), metadata, "openvino"
+    model, record, line = openvino_model(openvino, path, metadata, precision, calibration_folder,
+                                         calibration_tiles, accuracy_control, log)
+    if line is not None:
+        log(line)
+    predictor = OpenVinoPredictor(openvino, model, metadata["number_channels"], record["precision"])
+    return predictor, metadata, "openvino"
+
+
+def _openvino_for(precision, engine):
+    """The openvino module (None where "auto" may fall back on TensorFlow); ValueError naming the
+    package where OpenVINO is required (engine "openvino", precision "int8") and missing."""
+    if engine == "tensorflow":
+        return None
+    openvino, import_error = _import_openvino()
+    if openvino is None and precision == "int8":
+        raise ValueError(f"--precision int8 needs the openvino package (pip install openvino): {import_error}")
+    if openvino is None and engine == "openvino":
+        raise ValueError(f"--engine openvino needs the openvino package (pip install openvino): {import_error}")
+    if precision == "int8":
+        int8.import_nncf()  # refused before any conversion
+    return openvino
 
 
 def _import_openvino():
@@ -97,27 +132,57 @@ def _tensorflow_sees_a_gpu():
     return bool(tf.config.list_physical_devices("GPU"))
 
 
-def _openvino_model(openvino, path, metadata):
-    """The converted ov.Model: from the cache when it is current, else converted (and cached if we may)."""
-    cache = os.path.join(path, CACHE_FOLDER)
-    key = cache_key(path, openvino.__version__)
-    core = openvino.Core()
-    if _read_key(cache) == key:
-        try:
-            return core.read_model(os.path.join(cache, IR_NAME))
-        except Exception:  # a damaged cache is rebuilt below rather than trusted
-            pass
-    model = _convert(openvino, path, metadata)
-    try:
-        with atomic_files.replacing_directory(cache) as staging:
-            # float32 weights: save_model would otherwise halve them to float16
-            openvino.save_model(model, os.path.join(staging, IR_NAME), compress_to_fp16=False)
-            with open(os.path.join(staging, CACHE_KEY_FILE), "w") as handle:
-                json.dump({"key": key, "openvino_version": openvino.__version__}, handle)
-    except OSError:
-        pass  # a read-only model folder: keep the conversion in memory for this run
-    return model
+def openvino_model(openvino, path, metadata, precision="float32", calibration_folder=None,
+                   calibration_tiles=300, accuracy_control=True, log=print):
+    """(ov.Model, record, start line or None) of the SavedModel at `precision`: from this user's cache
+    (fcdn/inference/openvino_cache.py) when there, else converted (and quantized) and cached. An int8
+    model that fails its gate gives the float32 one, and a line saying so."""
+    if precision == "int8":  # what can be refused is, before any conversion
+        nncf = int8.import_nncf()
+        tiles, source = int8.calibration_tiles(metadata, calibration_folder, calibration_tiles)
+    key = openvino_cache.model_key(path, openvino.__version__)
+    model, record = openvino_cache.read(openvino, key)
+    if model is None:
+        model = _convert(openvino, path, metadata)
+        record = {"precision": "float32", "openvino_version": openvino.__version__, "source": os.path.abspath(path)}
+        openvino_cache.write(openvino, key, model, record)
+    if precision == "float32":
+        return model, record, None
+    int8_key = hashlib.sha256("\0".join([key, nncf.__version__, int8.tiles_digest(tiles), str(int8.GATE)])
+                              .encode()).hexdigest()
+    quantized, int8_record = openvino_cache.read(openvino, int8_key)
+    if int8_record is None:
+        log(f"int8: quantizing with NNCF on {len(tiles)} tiles of {source} (once: kept in "
+            f"{openvino_cache.cache_root()})")
+        quantized, int8_record = int8.quantize(openvino, nncf, model, tiles, accuracy_control, log)
+        int8_record.update(source=os.path.abspath(path), calibration=source, openvino_version=openvino.__version__)
+        openvino_cache.write(openvino, int8_key, quantized, int8_record)
+    line = int8.gate_line(int8_record, int8_record["calibration"])
+    return (quantized, int8_record, line) if quantized is not None else (model, record, line)
 
+
+def write_conversion(path, folder, precision="float32", calibration_folder=None, calibration_tiles=300,
+                     accuracy_control=True, log=print):
+    """Write the OpenVINO model that `precision` runs (model.xml, model.bin), the model's metadata and
+    the conversion's record (record.json: precision, versions, the int8 gate) to `folder`, swapped in
+    whole, for use with OpenVINO elsewhere; returns the record. ValueError (one line) as load_predictor."""
+    openvino = _openvino_for(precision, "openvino")
+    from fcdn.model import saved_model
+
+    metadata = saved_model.read_metadata(path)
+    model, record, line = openvino_model(openvino, path, metadata, precision, calibration_folder,
+                                         calibration_tiles, accuracy_control, log)
+    if line is not None:
+        log(line)
+    try:
+        with atomic_files.replacing_directory(folder) as staging:
+            openvino_cache.save(openvino, model, staging)
+            shutil.copy2(os.path.join(path, saved_model.METADATA_FILENAME), staging)
+            with open(os.path.join(staging, openvino_cache.RECORD_NAME), "w") as handle:
+                json.dump(record, handle, indent=1, sort_keys=True)
+    except OSError as error:
+        raise ValueError(f"{folder}: cannot write the OpenVINO model ({errors.gist(error)})") from None
+    return record
 
 def _convert(openvino, path, metadata):
     """openvino.convert_model of the SavedModel, checked to be images [?, ?, ?, C] -> one softmax."""
@@ -138,43 +203,21 @@ def _convert(openvino, path, metadata):
     return model
 
 
-def cache_key(path, openvino_version):
-    """A hash of every file of the SavedModel (its graph, variables and metadata; not the cache) and the
-    OpenVINO version: a re-exported model, or another OpenVINO, is converted again."""
-    digest = hashlib.sha256(openvino_version.encode())
-    for parent, folders, files in os.walk(path):
-        # the cache and its writers' staging folders (.openvino.tmp-<pid>, .openvino.old-<pid>) are not the model
-        cache_names = (CACHE_FOLDER, f".{CACHE_FOLDER}.")
-        folders[:] = sorted(name for name in folders if parent != path or not name.startswith(cache_names))
-        for name in sorted(files):
-            file_path = os.path.join(parent, name)
-            digest.update(os.path.relpath(file_path, path).encode() + b"\0")
-            with open(file_path, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-    return digest.hexdigest()
-
-
-def _read_key(cache):
-    try:
-        with open(os.path.join(cache, CACHE_KEY_FILE)) as handle:
-            return json.load(handle).get("key")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 class OpenVinoPredictor:
     """predict(batch) on an OpenVINO model compiled once for the CPU, for any N, H and W."""
 
-    def __init__(self, openvino, model, channels):
+    def __init__(self, openvino, model, channels, precision="float32"):
         import fcdensenet
 
         self.check_input_size = fcdensenet.check_input_size
         hints = openvino.properties.hint
         self.channels = channels
+        self.precision = precision
         self.compiled = openvino.Core().compile_model(model, "CPU", {
             # CPUs with bfloat16 units (AVX512_BF16, AMX) would otherwise run in bfloat16: masks must
-            # match TensorFlow's float32 ones
+            # match TensorFlow's float32 ones (an int8 model's quantized layers stay int8)
             hints.inference_precision: openvino.Type.f32,
             # one stream using every core: our requests are single large tiles, run one after another
             hints.performance_mode: hints.PerformanceMode.LATENCY,

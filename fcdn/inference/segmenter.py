@@ -209,13 +209,16 @@ class Segmenter:
     fit in tile_size x tile_size pixels on a GPU, in 256x256 pixels on the CPU: tiling.CPU_BATCH_PIXELS).
     tta: average the softmax over the 8 flips and quarter turns.
     streaming_megapixels: TIFF images this large are read and written tile by tile. devices:
-    TensorFlow device names to spread the model over (None: every visible one). log: where the
-    lines the script prints go.
+    TensorFlow device names to spread the model over (None: every visible one). precision: "float32",
+    or "int8" (OpenVINO, quantized on calibration_tiles tiles of calibration_folder, None: of the
+    training database the model records, with accuracy_control where plain quantization fails the
+    gate; float32 runs where the gate fails). log: where the lines the script prints go.
     """
 
     def __init__(self, saved_model_path, *, engine="auto", tile_size=0, batch_size=0, tta=False,
-                 streaming_megapixels=64.0, devices=None, log=print):
-        engines.check_engine(engine)
+                 streaming_megapixels=64.0, devices=None, precision="float32", calibration_folder=None,
+                 calibration_tiles=300, accuracy_control=True, log=print):
+        engines.check_engine(engine, precision)
         if batch_size < 0:
             raise ValueError(f"--batch_size {batch_size} must be at least 1 (or 0: automatic)")
         self.saved_model_path = os.fspath(saved_model_path)
@@ -225,6 +228,9 @@ class Segmenter:
         self.tta = bool(tta)
         self.streaming_megapixels = streaming_megapixels
         self.devices = devices
+        self.precision = precision  # the precision run, once loaded
+        self.calibration = dict(calibration_folder=calibration_folder, calibration_tiles=calibration_tiles,
+                                accuracy_control=accuracy_control)
         self.log = log
         self.predict = self.metadata = None
         self.device_names = []
@@ -232,8 +238,10 @@ class Segmenter:
     def load(self):
         """Load the model unless it is loaded, and check the tile size against its radius; returns self."""
         if self.predict is None:
-            predict, metadata, device_names, engine = engines.load_model(self.saved_model_path, self.engine,
-                                                                         self.devices)
+            predict, metadata, device_names, engine = engines.load_model(
+                self.saved_model_path, self.engine, self.devices, precision=self.precision, log=self.log,
+                **self.calibration)
+            self.precision = getattr(predict, "precision", "float32")
             self.tile_size = tiling.check_tile_size(self.tile_size, metadata["radius"], metadata["size_factor"])
             self.predict = segmentation.dihedral_averaged(predict) if self.tta else predict
             self.metadata, self.device_names, self.engine = metadata, device_names, engine
@@ -311,7 +319,8 @@ class Segmenter:
         devices = f"; {len(names)} devices ({', '.join(names)})" if len(names) > 1 else ""
         self.log(f"{metadata['variant']}: {metadata['number_channels']} channel(s), {metadata['number_classes']} "
                  f"classes, radius {metadata['radius']}; tiles of at most {self.tile_size}x{self.tile_size} "
-                 f"pixels, {self.batch_size or 'automatic'} per batch{devices}{extras}; engine {self.engine}")
+                 f"pixels, {self.batch_size or 'automatic'} per batch{devices}{extras}; engine {self.engine}"
+                 f"{' int8' if self.precision == 'int8' else ''}")
         if options.overlay_folder is not None and qc_pictures.colours_cycle(metadata["number_classes"]):
             self.log(f"note: {metadata['number_classes'] - 1} classes but {len(qc_pictures.PALETTE)} outline "
                      f"colours: the colours repeat")
