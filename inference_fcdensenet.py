@@ -48,95 +48,118 @@ from fcdn.inference import engines
 from fcdn.inference.segmenter import Segmenter, image_paths
 
 
-def parse_args(argv=None):
-    parser = errors.OneLineArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--saved_model_filepath", required=True,
+def add_input_flags(parser):
+    group = parser.add_argument_group("the model, the images and their reading")
+    group.add_argument("--saved_model_filepath", required=True,
                         help="SavedModel folder exported by train_fcdensenet.py")
-    parser.add_argument("--image_folder", default=None,
+    group.add_argument("--image_folder", default=None,
                         help="folder of images to segment (required unless --openvino_output alone is wanted)")
-    parser.add_argument("--output_folder", default=None,
+    group.add_argument("--output_folder", default=None,
                         help="folder for the masks (created if missing; must differ from --image_folder); "
                              "required but for zarr images, whose labels go inside each image when unset")
-    parser.add_argument("--image_format", default="tif",
+    group.add_argument("--image_format", default="tif",
                         help="extension of the images to segment (tif, png, jpg; a leading '.' is accepted), "
                              "or zarr: every OME-Zarr image (NGFF 0.4 or 0.5) in the folder")
-    parser.add_argument("--label_name", default=ome_zarr_io.DEFAULT_LABEL_NAME,
+    group.add_argument("--label_name", default=ome_zarr_io.DEFAULT_LABEL_NAME,
                         help="zarr images: the name of the NGFF label image written (labels/<name> inside "
                              "the image, replaced once the new one is complete)")
-    parser.add_argument("--channel_axis", default="auto",
+    group.add_argument("--channel_axis", default="auto",
                         help="TIFF images: which axis holds the channels. auto = the file's axes (ImageJ, "
                              "OME-TIFF, tifffile metadata; HW or HWC without them), none = no channel axis, or "
                              "an index into the stored array's axes (0, -1, ...); height and width are then "
                              "its last two other axes and any further axis is a stack of planes")
-    parser.add_argument("--series", type=int, default=0,
+    group.add_argument("--series", type=int, default=0,
                         help="TIFF images: the series to segment (a multi-series file; its full-resolution "
                              "level when it is a pyramid)")
-    parser.add_argument("--tile_size", type=int, default=0,
+    group.add_argument("--mask_folder", default=None,
+                        help="optional folder of ground-truth masks under the images' file names: the "
+                             "masks written are scored against them (pixel accuracy, IoU per class, "
+                             "mean IoU)")
+
+
+def add_computation_flags(parser):
+    group = parser.add_argument_group("how the model runs")
+    group.add_argument("--tile_size", type=int, default=0,
                         help="tiles hold at most tile_size x tile_size pixels (squares or, where that "
                              "computes fewer pixels, rectangles of no larger area): a multiple of 32 and at "
                              "least 3x the model's radius (rounded up to 32); 0 = 2048, or 4x the radius "
                              "when that is larger")
-    parser.add_argument("--batch_size", type=int, default=0,
+    group.add_argument("--batch_size", type=int, default=0,
                         help="tiles per forward pass; 0 = as many as fit in tile_size x tile_size pixels "
                              "(2048x2048 by default, which fits a 16 GB GPU)")
-    parser.add_argument("--streaming_megapixels", type=float, default=64.0,
+    group.add_argument("--streaming_megapixels", type=float, default=64.0,
                         help="TIFF images with at least this many megapixels (height x width x channels) "
                              "are read and written tile by tile instead of whole")
-    parser.add_argument("--tta", type=int, default=0, choices=(0, 1),
+    group.add_argument("--tta", type=int, default=0, choices=(0, 1),
                         help="1: test-time augmentation: average the softmax over the 8 flips and quarter "
                              "turns of every tile before the argmax (about 8x the time)")
-    parser.add_argument("--save_probabilities", type=int, default=0, choices=(0, 1),
+    group.add_argument("--engine", choices=engines.ENGINES, default="auto",
+                        help="runtime of the model: auto = OpenVINO where TensorFlow sees one device, a CPU, "
+                             "and the openvino package is installed, else TensorFlow (on every device)")
+
+
+def add_output_flags(parser):
+    group = parser.add_argument_group("outputs beside the masks")
+    group.add_argument("--save_probabilities", type=int, default=0, choices=(0, 1),
                         help="1: also write <stem>_probabilities.tif beside each mask: one uint8 channel per "
                              "class, 255 = probability 1 (TIFF images only)")
-    parser.add_argument("--overlay_folder", default=None,
+    group.add_argument("--overlay_folder", default=None,
                         help="optional folder for quality-control pictures: <stem>.png per image, the image "
                              "contrast-stretched with each class's outline in its own colour, at most 2048 "
                              "pixels on the long side")
-    parser.add_argument("--measure_objects", type=int, default=0, choices=(0, 1),
+    group.add_argument("--measure_objects", type=int, default=0, choices=(0, 1),
                         help="1: also write <stem>_objects.csv beside each mask (the objects of each class: "
                              "area, centroid, bounding box, perimeter, shape, intensity of each channel; as "
                              "measure_objects.py) and objects_summary.csv, measured from the mask as it is written")
-    parser.add_argument("--num_parts", type=int, default=None,
+
+
+def add_part_flags(parser):
+    group = parser.add_argument_group("job arrays and requeued jobs")
+    group.add_argument("--num_parts", type=int, default=None,
                         help="split the sorted image list (with --split_image 1: each image's chunk rows) into "
                              "this many parts and segment one (a job array task each); unset: "
                              "SLURM_ARRAY_TASK_COUNT under a SLURM job array, else 1")
-    parser.add_argument("--part_id", type=int, default=None,
+    group.add_argument("--part_id", type=int, default=None,
                         help="the part to segment, in [0, num_parts): every num_parts-th image from this one "
                              "(with --split_image 1: its block of every image's chunk rows); unset: the task's "
                              "index within a SLURM job array, else 0")
-    parser.add_argument("--split_image", type=int, default=0, choices=(0, 1),
+    group.add_argument("--split_image", type=int, default=0, choices=(0, 1),
                         help="1: split every OME-Zarr image itself over the parts instead of the image list: "
                              "each part writes its block of chunk rows into the shared label, and the part "
                              "that completes the label writes its pyramid and metadata")
-    parser.add_argument("--skip_existing", type=int, default=0, choices=(0, 1),
+    group.add_argument("--skip_existing", type=int, default=0, choices=(0, 1),
                         help="1: leave images whose outputs all exist (outputs appear only when complete, so a "
                              "requeued task goes on where it stopped); with --split_image 1, also the chunk "
                              "rows already written")
-    parser.add_argument("--engine", choices=engines.ENGINES, default="auto",
-                        help="runtime of the model: auto = OpenVINO where TensorFlow sees one device, a CPU, "
-                             "and the openvino package is installed, else TensorFlow (on every device)")
-    parser.add_argument("--precision", choices=engines.PRECISIONS, default="float32",
+
+
+def add_precision_flags(parser):
+    group = parser.add_argument_group("8-bit inference (OpenVINO and NNCF)")
+    group.add_argument("--precision", choices=engines.PRECISIONS, default="float32",
                         help="int8: run an 8-bit OpenVINO model quantized with NNCF (pip install nncf), made "
                              "once and cached, used only where its masks agree with float32's on at least "
                              "99.5%% of the pixels of held-out tiles (else float32 runs, and a line says so)")
-    parser.add_argument("--calibration_folder", default=None,
+    group.add_argument("--calibration_folder", default=None,
                         help="--precision int8: images (tif, png, jpg) to calibrate on; unset: the tiles of "
                              "the training database recorded in the model")
-    parser.add_argument("--calibration_tiles", type=int, default=300,
+    group.add_argument("--calibration_tiles", type=int, default=300,
                         help="--precision int8: tiles (of at most 256x256 pixels) to calibrate on; a quarter "
                              "as many more are held out for the agreement check")
-    parser.add_argument("--accuracy_control", type=int, default=1, choices=(0, 1),
+    group.add_argument("--accuracy_control", type=int, default=1, choices=(0, 1),
                         help="--precision int8: 1 = where plain quantization fails the agreement check, "
                              "quantize again keeping the layers that lose the most in float32 (slower: "
                              "minutes to hours for large models); 0 = use float32 at once")
-    parser.add_argument("--openvino_output", default=None,
+    group.add_argument("--openvino_output", default=None,
                         help="also write the OpenVINO model of --precision to this folder (model.xml, "
                              "model.bin, the model's metadata and record.json with the int8 agreement), to "
                              "run with OpenVINO elsewhere; without --image_folder, only that")
-    parser.add_argument("--mask_folder", default=None,
-                        help="optional folder of ground-truth masks under the images' file names: the "
-                             "masks written are scored against them (pixel accuracy, IoU per class, "
-                             "mean IoU)")
+
+
+def parse_args(argv=None):
+    parser = errors.OneLineArgumentParser(description=__doc__.split("\n\n")[0])
+    for add_flags in (add_input_flags, add_computation_flags, add_output_flags, add_part_flags,
+                      add_precision_flags):
+        add_flags(parser)
     return parser.parse_args(argv)
 
 
