@@ -7,7 +7,8 @@
     loss, correct, pixels, votes = step(iterator, stop_vote(stop)).numpy()
 
 One process drives every visible GPU through MirroredStrategy (all logical CPUs when there is no GPU);
-with TF_CONFIG set, or under SLURM with more than one task, MultiWorkerMirroredStrategy spans nodes.
+with TF_CONFIG set, or as a task of an srun step of 2+ tasks, MultiWorkerMirroredStrategy spans nodes
+(fcdn.training.slurm reads the step's layout; the node's GPUs are shared among its tasks).
 """
 
 import os
@@ -15,19 +16,62 @@ import os
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+from tensorflow.python.eager import context
 
 from fcdn.training.recipe import per_example_loss
+from fcdn.training.slurm import SlurmStep, check_port_free, port_base
 
 
-def make_strategy():
-    """MultiWorkerMirroredStrategy for a multi-node job, else MirroredStrategy over local devices."""
+def make_strategy(worker_port=0, start_timeout=600):
+    """MultiWorkerMirroredStrategy for a multi-node job, else MirroredStrategy over local devices.
+    `worker_port`: the first port of a SLURM step's workers on each node (0: from the job ID);
+    `start_timeout`: seconds a worker waits for all the others to start."""
     if os.environ.get("TF_CONFIG"):
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        resolver = tf.distribute.cluster_resolver.SlurmClusterResolver()
-        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+        return multi_worker_strategy(None, start_timeout)
+    step = SlurmStep.from_environment(os.environ)
+    if step is not None:
+        return slurm_strategy(step, worker_port, start_timeout)
     devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
     return tf.distribute.MirroredStrategy([device.name for device in devices])
+
+
+def multi_worker_strategy(resolver, start_timeout):
+    """MultiWorkerMirroredStrategy, once every worker has joined within `start_timeout` seconds.
+    TensorFlow's own wait for the cluster lasts an hour: a worker that failed to start (its port
+    taken, a database missing on its node) left the others waiting that long. The coordination
+    service is configured here as the strategy would (it keeps a configuration it finds), with the
+    registration timeout added."""
+    spec = (resolver or tf.distribute.cluster_resolver.TFConfigClusterResolver()).cluster_spec()
+    jobs = [name for name in ("chief", "worker") if name in spec.jobs]
+    if context.context().coordination_service is None and jobs:
+        context.context().configure_coordination_service(
+            service_type="standalone", service_leader=f"/job:{jobs[0]}/replica:0/task:0",
+            coordinated_jobs=[coordination_config_pb2.CoordinatedJob(name=name, num_tasks=spec.num_tasks(name))
+                              for name in jobs],
+            cluster_register_timeout_in_ms=int(start_timeout * 1000))
+    try:
+        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+    except tf.errors.OpError:  # TensorFlow's words name a barrier and heartbeats, not the cause
+        raise ValueError(f"not every worker joined within {start_timeout:g} s (--worker_start_timeout): "
+                         "the log of the one missing says why") from None
+
+
+def slurm_strategy(step, worker_port, start_timeout):
+    """The strategy of one task of an srun step: this task's share of the node's GPUs (or the CPU),
+    its port checked free, and one line naming the workers, their hosts and this one's devices."""
+    physical = tf.config.list_physical_devices("GPU")
+    share = step.gpu_share(len(physical))
+    if len(share) != len(physical):  # before TensorFlow initialises the devices
+        tf.config.set_visible_devices([physical[index] for index in share], "GPU")
+    base = port_base(worker_port, step.job_id)
+    addresses = step.addresses(base)
+    check_port_free(step.host, int(addresses[step.rank].rsplit(":", 1)[1]))
+    print(step.describe(base, share), flush=True)
+    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+        tf.train.ClusterSpec({"worker": addresses}), task_type="worker", task_id=step.rank,
+        num_accelerators={"GPU": len(share)} if share else None, rpc_layer="grpc")
+    return multi_worker_strategy(resolver, start_timeout)
 
 
 def worker_info(strategy):
