@@ -12,6 +12,7 @@ with TF_CONFIG set, or as a task of an srun step of 2+ tasks, MultiWorkerMirrore
 """
 
 import os
+import signal
 
 import keras
 import numpy as np
@@ -51,10 +52,17 @@ def multi_worker_strategy(resolver, start_timeout):
                               for name in jobs],
             cluster_register_timeout_in_ms=int(start_timeout * 1000))
     try:
-        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
     except tf.errors.OpError:  # TensorFlow's words name a barrier and heartbeats, not the cause
         raise ValueError(f"not every worker joined within {start_timeout:g} s (--worker_start_timeout): "
                          "the log of the one missing says why") from None
+    # The coordination service's preemption notifier takes SIGTERM over in C++: SLURM's SIGTERM then
+    # never reached the Python handler that stops every worker at a step's end with a resume point.
+    # Python still holds its handlers: set them again.
+    for number in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(number) is not None:
+            signal.signal(number, signal.getsignal(number))
+    return strategy
 
 
 def slurm_strategy(step, worker_port, start_timeout):
