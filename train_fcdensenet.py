@@ -133,9 +133,6 @@ def add_run_flags(parser):
                         help="under srun with 2+ tasks: the port of each node's first worker (the next "
                              "tasks of a node take the next ports); 0: 10000 + 8 x (job ID mod 2800), so "
                              "jobs that share a node differ")
-    parser.add_argument("--worker_start_timeout", type=float, default=600,
-                        help="multi-worker runs: seconds each worker waits for all the others to start "
-                             "before it gives up with one line")
     parser.add_argument("--export_bioimageio", type=int, default=0, choices=(0, 1),
                         help=f"1: when the run finishes, also write output_dir/{BIOIMAGEIO_PACKAGE}, a BioImage "
                              "Model Zoo package of the best model (as export_bioimageio.py; needs "
@@ -167,8 +164,6 @@ def check_args(args):
     if not 0 <= args.worker_port <= 65000:
         raise ValueError(f"--worker_port must be 0 or a port up to 65000 (a node's later tasks take the next "
                          f"ports), got {args.worker_port}")
-    if not args.worker_start_timeout > 0:
-        raise ValueError(f"--worker_start_timeout must be > 0, got {args.worker_start_timeout}")
     for name in ("batch_size", "test_every_n_steps", "reader_count", "log_every_n_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -260,7 +255,7 @@ def start_from(trainer, source, is_chief):
 def train(args, stop):
     """The run's stages, in order; returns the exit status."""
     augmentation = load_augmentation(args)
-    strategy = make_strategy(args.worker_port, args.worker_start_timeout)
+    strategy = make_strategy(args.worker_port)
     is_chief, worker_index, workers = worker_info(strategy)
     settings = run_settings(args, augmentation)
     source = fine_tuning.describe_source(args.init_from) if args.init_from else None

@@ -17,45 +17,26 @@ import signal
 import keras
 import numpy as np
 import tensorflow as tf
-from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
-from tensorflow.python.eager import context
 
 from fcdn.training.recipe import per_example_loss
 from fcdn.training.slurm import SlurmStep, check_port_free, port_base
 
 
-def make_strategy(worker_port=0, start_timeout=600):
+def make_strategy(worker_port=0):
     """MultiWorkerMirroredStrategy for a multi-node job, else MirroredStrategy over local devices.
-    `worker_port`: the first port of a SLURM step's workers on each node (0: from the job ID);
-    `start_timeout`: seconds a worker waits for all the others to start."""
+    `worker_port`: the first port of a SLURM step's workers on each node (0: from the job ID)."""
     if os.environ.get("TF_CONFIG"):
-        return multi_worker_strategy(None, start_timeout)
+        return multi_worker_strategy()
     step = SlurmStep.from_environment(os.environ)
     if step is not None:
-        return slurm_strategy(step, worker_port, start_timeout)
+        return slurm_strategy(step, worker_port)
     devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
     return tf.distribute.MirroredStrategy([device.name for device in devices])
 
 
-def multi_worker_strategy(resolver, start_timeout):
-    """MultiWorkerMirroredStrategy, once every worker has joined within `start_timeout` seconds.
-    TensorFlow's own wait for the cluster lasts an hour: a worker that failed to start (its port
-    taken, a database missing on its node) left the others waiting that long. The coordination
-    service is configured here as the strategy would (it keeps a configuration it finds), with the
-    registration timeout added."""
-    spec = (resolver or tf.distribute.cluster_resolver.TFConfigClusterResolver()).cluster_spec()
-    jobs = [name for name in ("chief", "worker") if name in spec.jobs]
-    if context.context().coordination_service is None and jobs:
-        context.context().configure_coordination_service(
-            service_type="standalone", service_leader=f"/job:{jobs[0]}/replica:0/task:0",
-            coordinated_jobs=[coordination_config_pb2.CoordinatedJob(name=name, num_tasks=spec.num_tasks(name))
-                              for name in jobs],
-            cluster_register_timeout_in_ms=int(start_timeout * 1000))
-    try:
-        strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
-    except tf.errors.OpError:  # TensorFlow's words name a barrier and heartbeats, not the cause
-        raise ValueError(f"not every worker joined within {start_timeout:g} s (--worker_start_timeout): "
-                         "the log of the one missing says why") from None
+def multi_worker_strategy(resolver=None):
+    """MultiWorkerMirroredStrategy over the cluster of `resolver` (None: TF_CONFIG's)."""
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
     # The coordination service's preemption notifier takes SIGTERM over in C++: SLURM's SIGTERM then
     # never reached the Python handler that stops every worker at a step's end with a resume point.
     # Python still holds its handlers: set them again.
@@ -65,7 +46,7 @@ def multi_worker_strategy(resolver, start_timeout):
     return strategy
 
 
-def slurm_strategy(step, worker_port, start_timeout):
+def slurm_strategy(step, worker_port):
     """The strategy of one task of an srun step: this task's share of the node's GPUs (or the CPU),
     its port checked free, and one line naming the workers, their hosts and this one's devices."""
     physical = tf.config.list_physical_devices("GPU")
@@ -79,7 +60,7 @@ def slurm_strategy(step, worker_port, start_timeout):
     resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
         tf.train.ClusterSpec({"worker": addresses}), task_type="worker", task_id=step.rank,
         num_accelerators={"GPU": len(share)} if share else None, rpc_layer="grpc")
-    return multi_worker_strategy(resolver, start_timeout)
+    return multi_worker_strategy(resolver)
 
 
 def worker_info(strategy):
