@@ -7,7 +7,8 @@
     srun python train_fcdensenet.py ...     # SLURM, one task per node: MultiWorkerMirroredStrategy
 
 One process drives every visible GPU through MirroredStrategy (all logical CPUs when there is no GPU);
-with TF_CONFIG set, or under SLURM with more than one task, MultiWorkerMirroredStrategy spans nodes.
+with TF_CONFIG set, or under srun with more than one task, MultiWorkerMirroredStrategy spans nodes
+(examples/slurm/train_multinode.sbatch is a job script).
 The first epoch is a warm-up of min(1000, test_every_n_steps) steps at learning_rate / 10 (or rising
 from it to learning_rate, with --warmup linear); every later
 epoch is test_every_n_steps steps at learning_rate (or on a schedule decaying to zero at max_epochs),
@@ -128,6 +129,10 @@ def add_run_flags(parser):
     parser.add_argument("--mixed_precision", type=int, default=0, choices=(0, 1),
                         help="1: mixed_float16 compute with loss scaling (needs a GPU)")
     parser.add_argument("--log_every_n_steps", type=int, default=100, help="steps between progress lines")
+    parser.add_argument("--worker_port", type=int, default=0,
+                        help="under srun with 2+ tasks: the port of each node's first worker (the next "
+                             "tasks of a node take the next ports); 0: 10000 + 8 x (job ID mod 2800), so "
+                             "jobs that share a node differ")
     parser.add_argument("--export_bioimageio", type=int, default=0, choices=(0, 1),
                         help=f"1: when the run finishes, also write output_dir/{BIOIMAGEIO_PACKAGE}, a BioImage "
                              "Model Zoo package of the best model (as export_bioimageio.py; needs "
@@ -156,6 +161,9 @@ def add_recipe_flags(parser):
 
 def check_args(args):
     """Raise ValueError for settings no run can use (before anything is started)."""
+    if not 0 <= args.worker_port <= 65000:
+        raise ValueError(f"--worker_port must be 0 or a port up to 65000 (a node's later tasks take the next "
+                         f"ports), got {args.worker_port}")
     for name in ("batch_size", "test_every_n_steps", "reader_count", "log_every_n_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -247,7 +255,7 @@ def start_from(trainer, source, is_chief):
 def train(args, stop):
     """The run's stages, in order; returns the exit status."""
     augmentation = load_augmentation(args)
-    strategy = make_strategy()
+    strategy = make_strategy(args.worker_port)
     is_chief, worker_index, workers = worker_info(strategy)
     settings = run_settings(args, augmentation)
     source = fine_tuning.describe_source(args.init_from) if args.init_from else None

@@ -3,6 +3,7 @@ and running inference_fcdensenet.py as a user would."""
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 
@@ -106,3 +107,49 @@ def fill_disk(folder, leave):
     with open(filler, "wb") as handle:
         handle.write(b"\0" * max(0, stats.f_bavail * stats.f_frsize - leave))
     return filler
+
+
+# ----------------------------------------------------------------------------------------------
+# tests marked `slurm` submit jobs to a real SLURM cluster on this machine (.ci/start_slurm.sh)
+
+def slurm_cluster_state():
+    """Why no SLURM cluster takes jobs here, or None when one does (a node of the default
+    partition idle, mixed or allocated)."""
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        return "sbatch and sinfo are not installed"
+    try:
+        answer = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return "sinfo did not answer in 30 s"
+    states = {state.strip().rstrip("*~#") for state in answer.stdout.split()}
+    if answer.returncode or not states & {"idle", "mix", "alloc"}:
+        return f"sinfo says {(answer.stderr or answer.stdout).strip() or 'no node'}"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without a cluster, the slurm tests are deselected (and the header says so), unless -m names
+    them: then they fail, each with the reason."""
+    marked = [item for item in items if item.get_closest_marker("slurm")]
+    if not marked or "slurm" in (config.getoption("markexpr") or ""):
+        return
+    why = slurm_cluster_state()
+    if why is not None:
+        config._slurm_deselected = (len(marked), why)
+        config.hook.pytest_deselected(items=marked)
+        items[:] = [item for item in items if not item.get_closest_marker("slurm")]
+
+
+def pytest_report_collectionfinish(config):
+    if getattr(config, "_slurm_deselected", None):
+        count, why = config._slurm_deselected
+        return (f"slurm: {count} tests marked slurm deselected: no SLURM cluster here ({why}); "
+                "start one with `sudo bash .ci/start_slurm.sh`, or run them with -m slurm to see them fail")
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    why = slurm_cluster_state()
+    if why is not None:
+        pytest.fail(f"no SLURM cluster here ({why}): start one with `sudo bash .ci/start_slurm.sh`", pytrace=False)

@@ -812,7 +812,7 @@ def test_interrupted_twice_the_run_resumes_exactly(databases, tmp_path):
     with open(os.path.join(staged, "state.json"), "w") as handle:
         handle.write('{"epoch": 9, ')
 
-    # SIGTERM to the whole process group, as SLURM preempts: the reader workers die too
+    # SIGTERM to the whole process group, as SLURM preempts (the reader workers ignore it)
     code, out = interrupt_after(command, "(global ", lambda p: os.killpg(p.pid, signal.SIGTERM))
     assert code == 143, out
     assert f"resuming at epoch 1 step {state['step_in_epoch']} " in out

@@ -92,7 +92,12 @@ def prepare_example(key, buffer, settings, rng):
 
 def worker_main(worker_index, settings, ready_queue, free_queue, stop_event, parent_pid):
     """Entry point of one worker process (module level so that 'spawn' can import it)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # Ctrl-C is the parent's to handle, and so is SIGTERM, which SLURM sends every process of a job:
+    # the trainers stop together at a step's end and then stop their readers. A reader ended by it
+    # mid-step would leave the other workers of a multi-worker run in an all-reduce its trainer never
+    # joins, past the job's KillWait, with no resume point saved.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if augment.cv2 is not None:
         augment.cv2.setNumThreads(1)  # one core per worker; more workers use more cores
 

@@ -7,27 +7,60 @@
     loss, correct, pixels, votes = step(iterator, stop_vote(stop)).numpy()
 
 One process drives every visible GPU through MirroredStrategy (all logical CPUs when there is no GPU);
-with TF_CONFIG set, or under SLURM with more than one task, MultiWorkerMirroredStrategy spans nodes.
+with TF_CONFIG set, or as a task of an srun step of 2+ tasks, MultiWorkerMirroredStrategy spans nodes
+(fcdn.training.slurm reads the step's layout; the node's GPUs are shared among its tasks).
 """
 
 import os
+import signal
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from fcdn.training.recipe import per_example_loss
+from fcdn.training.slurm import SlurmStep, check_port_free, port_base
 
 
-def make_strategy():
-    """MultiWorkerMirroredStrategy for a multi-node job, else MirroredStrategy over local devices."""
+def make_strategy(worker_port=0):
+    """MultiWorkerMirroredStrategy for a multi-node job, else MirroredStrategy over local devices.
+    `worker_port`: the first port of a SLURM step's workers on each node (0: from the job ID)."""
     if os.environ.get("TF_CONFIG"):
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        resolver = tf.distribute.cluster_resolver.SlurmClusterResolver()
-        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+        return multi_worker_strategy()
+    step = SlurmStep.from_environment(os.environ)
+    if step is not None:
+        return slurm_strategy(step, worker_port)
     devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
     return tf.distribute.MirroredStrategy([device.name for device in devices])
+
+
+def multi_worker_strategy(resolver=None):
+    """MultiWorkerMirroredStrategy over the cluster of `resolver` (None: TF_CONFIG's)."""
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+    # The coordination service's preemption notifier takes SIGTERM over in C++: SLURM's SIGTERM then
+    # never reached the Python handler that stops every worker at a step's end with a resume point.
+    # Python still holds its handlers: set them again.
+    for number in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(number) is not None:
+            signal.signal(number, signal.getsignal(number))
+    return strategy
+
+
+def slurm_strategy(step, worker_port):
+    """The strategy of one task of an srun step: this task's share of the node's GPUs (or the CPU),
+    its port checked free, and one line naming the workers, their hosts and this one's devices."""
+    physical = tf.config.list_physical_devices("GPU")
+    share = step.gpu_share(len(physical))
+    if len(share) != len(physical):  # before TensorFlow initialises the devices
+        tf.config.set_visible_devices([physical[index] for index in share], "GPU")
+    base = port_base(worker_port, step.job_id)
+    addresses = step.addresses(base)
+    check_port_free(step.host, int(addresses[step.rank].rsplit(":", 1)[1]))
+    print(step.describe(base, share), flush=True)
+    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+        tf.train.ClusterSpec({"worker": addresses}), task_type="worker", task_id=step.rank,
+        num_accelerators={"GPU": len(share)} if share else None, rpc_layer="grpc")
+    return multi_worker_strategy(resolver)
 
 
 def worker_info(strategy):
