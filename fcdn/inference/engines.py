@@ -143,9 +143,9 @@ def cache_key(path, openvino_version):
     OpenVINO version: a re-exported model, or another OpenVINO, is converted again."""
     digest = hashlib.sha256(openvino_version.encode())
     for parent, folders, files in os.walk(path):
-        # the cache and its writers' staging folders (.openvino.tmp-<pid>, .openvino.old-<pid>) are not the model
-        cache_names = (CACHE_FOLDER, f".{CACHE_FOLDER}.")
-        folders[:] = sorted(name for name in folders if parent != path or not name.startswith(cache_names))
+        # the cache and its writers' staging and parked folders are not the model
+        folders[:] = sorted(name for name in folders
+                            if parent != path or atomic_files.target_path(name) != CACHE_FOLDER)
         for name in sorted(files):
             file_path = os.path.join(parent, name)
             digest.update(os.path.relpath(file_path, path).encode() + b"\0")
