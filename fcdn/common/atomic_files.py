@@ -157,12 +157,13 @@ def _pid_alive(pid):
     return True
 
 
-def _dead_writers_entries(folder, writer_may_live):
-    """(kind, path, target path) of the leftovers in `folder` whose writers are gone."""
+def _dead_writers_entries(folder, writer_may_live, name):
+    """(kind, path, target path) of the leftovers in `folder` (of the output `name` alone, unless None)
+    whose writers are gone."""
     found = []
     for entry in os.listdir(folder):
         match = _LEFTOVER.fullmatch(entry)
-        if match is None:
+        if match is None or (name is not None and match["name"] + (match["extension"] or "") != name):
             continue
         pid, host = int(match["pid"]), match["host"] or HOST
         if host == HOST and pid == os.getpid():
@@ -173,8 +174,9 @@ def _dead_writers_entries(folder, writer_may_live):
     return found
 
 
-def remove_leftovers(folder, writer_may_live=True):
-    """Clear what dead writers left in `folder`; return the targets whose parked directory was put back.
+def remove_leftovers(folder, writer_may_live=True, name=None):
+    """Clear what dead writers left in `folder` (of the output `name` alone, unless None); return the
+    targets whose parked directory was put back.
 
     A parked previous directory is renamed back when its target is missing (the writer died between
     the two renames of replace_directory: the most recently parked is the last complete one), else
@@ -186,8 +188,9 @@ def remove_leftovers(folder, writer_may_live=True):
     folder = os.path.abspath(os.fspath(folder))
     if not os.path.isdir(folder):
         return []
-    _cleared.add(folder)
-    entries = _dead_writers_entries(folder, writer_may_live)
+    if name is None:
+        _cleared.add(folder)
+    entries = _dead_writers_entries(folder, writer_may_live, name)
     restored = []
     for kind, path, target in sorted(entries, key=lambda entry: _mtime(entry[1]), reverse=True):
         if kind == "old" and not os.path.lexists(target):
@@ -208,6 +211,6 @@ def _mtime(path):
 
 
 def recover_directory(target, writer_may_live=True):
-    """remove_leftovers for the folder of the directory `target`; True if a parked `target` was put back."""
+    """remove_leftovers for the directory `target` alone; True if a parked `target` was put back."""
     folder, name = _split(target)
-    return os.path.join(folder, name) in remove_leftovers(folder, writer_may_live)
+    return os.path.join(folder, name) in remove_leftovers(folder, writer_may_live, name)
