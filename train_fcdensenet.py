@@ -305,10 +305,14 @@ def main(argv=None):
         try:
             check_args(args)
             status = train(args, stop)
-        except (ValueError, ReaderError) as error:
+        except ValueError as error:
             fail(error)
+        # a dead or failed reader worker, or a lost worker: the resume point is saved and the readers
+        # are stopped by now, and TensorFlow's teardown would only hold the exit back (seconds to a minute)
+        except ReaderError as error:
+            fail(error, at_once=True)
         except tf.errors.OpError as error:  # a reader failure surfacing through tf.data, or a lost worker
-            fail(op_error_message(error))
+            fail(op_error_message(error), at_once=True)
         except KeyboardInterrupt:
             sys.exit("aborted by a second Ctrl-C; the last saved resume point is kept")
     sys.exit(status)
