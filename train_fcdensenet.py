@@ -289,7 +289,13 @@ def train(args, stop):
         except Interrupted as interrupted:
             return save_and_exit(trainer, interrupted)
         except (ReaderError, tf.errors.OpError) as error:
-            return end_after_failure(trainer, stop, error)
+            try:
+                return end_after_failure(trainer, stop, error)
+            except (ReaderError, tf.errors.OpError):
+                # main() ends the process right after the line, without the teardown that running
+                # the input dry shortens: skip it (it took seconds under load)
+                cleanup.pop_all()
+                raise
     best = state["history"][state["best_epoch"]]
     print(f"finished: {state['finished']}; best epoch {state['best_epoch']} test loss "
           f"{best['test_loss']:.6f} mean IoU {best['mean_iou']:.4f}; model in "

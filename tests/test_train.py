@@ -480,7 +480,7 @@ def test_a_killed_reader_worker_ends_the_run_with_one_line(databases, tmp_path, 
     assert last.startswith(f"error: {databases[reader]}: {reader} reader worker {index} was killed by "
                            f"signal {sig.name}; saved a resume point at epoch "), last
     assert last.endswith(", run the same command to continue"), last
-    assert elapsed < 60, elapsed  # 9-17 s on a loaded 2-core machine, most of it TensorFlow's teardown
+    assert elapsed < 60, elapsed  # about 2 s here: bench/bench_dead_reader.py measures it
     state = json.loads((output / "resume" / "state.json").read_text())
     # stopped where it was: a test reader's death is not left to the next test pass, an epoch later
     assert f"at epoch {state['epoch']} step {state['step_in_epoch']}," in last

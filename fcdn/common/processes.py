@@ -35,7 +35,7 @@ def exit_cause(exitcode):
 
 def exit_at_once(status):
     """End this process now with `status`, skipping the interpreter's teardown and that of the libraries
-    it loaded (TensorFlow's took 10-40 s after a failed training run on a loaded machine). Child
+    it loaded (TensorFlow's takes tens of seconds on a loaded machine). Child
     processes still running are killed and reaped first, so that none is left behind; the caller has
     saved what must be kept."""
     for child in multiprocessing.active_children():
