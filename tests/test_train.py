@@ -20,7 +20,7 @@ from fcdn.common import atomic_files
 from fcdn.data import records
 from fcdn.model import saved_model
 from fcdn.training.evaluation import early_stopping_status
-from fcdn.training.failures import CHIEF_SAVES
+from fcdn.training.failures import CHIEF_SAVES, lost_worker
 
 SCRIPT = os.path.join(REPO_ROOT, "train_fcdensenet.py")
 TINY_MODEL = ["--layers_per_block", "1", "--growth_rate", "4"]
@@ -758,6 +758,19 @@ def test_a_reader_dying_on_one_worker_stops_every_worker_with_one_line(databases
                   if name.startswith("optimizer/") and "iteration" in name]
     assert len(iterations) == 1, tf.train.list_variables(str(output / "resume" / "ckpt"))
     assert tf.train.load_checkpoint(str(output / "resume" / "ckpt")).get_tensor(iterations[0]) == state["global_step"]
+
+
+def test_a_lost_worker_is_named_without_the_worker_that_noticed():
+    import tensorflow as tf
+
+    text = ("Task /job:worker/replica:0/task:1 stopped sending heartbeats for a while; noticed by "
+            "/job:worker/replica:0/task:0")
+    error = tf.errors.UnavailableError(None, None, text)
+    assert lost_worker(error, own_task=0) == "worker 1 of this run stopped (its log says why)"
+    assert lost_worker(error, own_task=None) == "worker 0, 1 of this run stopped (its log says why)"
+    assert lost_worker(tf.errors.InternalError(None, None, "Collective ops is aborted by: ...")).startswith(
+        "an all-reduce with the other workers failed")
+    assert lost_worker(tf.errors.InternalError(None, None, "something else")) is None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,11 +33,19 @@ def op_error_message(error):
     return gist(error)
 
 
-def lost_worker(error):
-    """Which worker of a multi-worker run stopped, in words, when `error` says one did; else None."""
+def own_worker_task(strategy):
+    """This process's task number among the cluster's `worker` tasks; None outside them."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return resolver.task_id if resolver is not None and resolver.task_type == "worker" else None
+
+
+def lost_worker(error, own_task=None):
+    """Which worker of a multi-worker run stopped, in words, when `error` says one did; else None.
+    The message can name the task that noticed (`own_task`, this one) beside the one lost."""
     text = str(error)
     if "stopped sending heartbeats" in text:
-        lost = sorted(set(re.findall(r"/job:worker/replica:\d+/task:(\d+)", text)), key=int)
+        named = set(re.findall(r"/job:worker/replica:\d+/task:(\d+)", text)) - {str(own_task)}
+        lost = sorted(named, key=int)
         who = f"worker {', '.join(lost)}" if lost else "another worker"
         return f"{who} of this run stopped (its log says why)"
     if "Collective" in text:  # a worker that left mid-step, or one already in another all-reduce
@@ -68,7 +76,7 @@ def end_after_failure(trainer, stop, error):
                              f" (the readers stopped: {op_error_message(error)})")
     failure = trainer.reader_failure()
     if trainer.workers > 1:
-        reason = failure if failure is not None else lost_worker(error)
+        reason = failure if failure is not None else lost_worker(error, trainer.worker_task)
         if reason is None:
             raise error
         save_alone_after_failure(trainer, reason)

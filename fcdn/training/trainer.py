@@ -18,7 +18,7 @@ import tensorflow as tf
 import fcdensenet
 from fcdn.common.stopping import Interrupted
 from fcdn.training.evaluation import TestPass, early_stopping_status, finished_reason, history_entry
-from fcdn.training.failures import StepCounters
+from fcdn.training.failures import StepCounters, own_worker_task
 from fcdn.training.readers import queue_text
 from fcdn.training.recipe import MAX_WARMUP_STEPS, WeightAverage, learning_rate_at, rate_plan
 from fcdn.training.run_folder import CKPT_PREFIX, SAVED_MODEL_DIR
@@ -69,6 +69,7 @@ class Trainer:
         self.folder = folder
         self.is_chief = folder.is_chief
         self.workers = strategy.num_replicas_in_sync // local_replicas
+        self.worker_task = own_worker_task(strategy)
         self.stop = stop
         self.replicas = strategy.num_replicas_in_sync
         self.global_batch = args.batch_size * self.replicas
