@@ -297,7 +297,13 @@ def train(args, stop):
         except Interrupted as interrupted:
             return save_and_exit(trainer, interrupted)
         except (ReaderError, tf.errors.OpError) as error:
-            return end_after_failure(trainer, stop, error)
+            try:
+                return end_after_failure(trainer, stop, error)
+            except (ReaderError, tf.errors.OpError):
+                # main() ends the process right after the line, without the teardown that running
+                # the input dry shortens: skip it (it took seconds under load)
+                cleanup.pop_all()
+                raise
     best = state["history"][state["best_epoch"]]
     print(f"finished: {state['finished']}; best epoch {state['best_epoch']} test loss "
           f"{best['test_loss']:.6f} mean IoU {best['mean_iou']:.4f}; model in "
@@ -313,10 +319,14 @@ def main(argv=None):
         try:
             check_args(args)
             status = train(args, stop)
-        except (ValueError, ReaderError) as error:
+        except ValueError as error:
             fail(error)
+        # a dead or failed reader worker, or a lost worker: the resume point is saved and the readers
+        # are stopped by now, and TensorFlow's teardown would only hold the exit back (seconds to a minute)
+        except ReaderError as error:
+            fail(error, at_once=True)
         except tf.errors.OpError as error:  # a reader failure surfacing through tf.data, or a lost worker
-            fail(op_error_message(error))
+            fail(op_error_message(error), at_once=True)
         except KeyboardInterrupt:
             sys.exit("aborted by a second Ctrl-C; the last saved resume point is kept")
     sys.exit(status)

@@ -3,7 +3,6 @@
 import glob
 import hashlib
 import os
-import pathlib
 import shutil
 import signal
 import subprocess
@@ -17,7 +16,6 @@ import pytest
 import tifffile
 from conftest import REPO_ROOT, fill_disk, mounted_tmpfs
 
-from fcdn.common import atomic_files
 from fcdn.data import lmdb_builder, record_encoding, record_store
 from fcdn.data.records import FILENAMES_CSV, decode_record, key_classes
 
@@ -376,6 +374,12 @@ def digest(folder):
             for name in ("data.mdb", FILENAMES_CSV)}
 
 
+def staging_folder(output, pid):
+    """The staging folder of train-HES.lmdb that process `pid` writes, None before it exists."""
+    found = list(output.glob(f".train-HES.lmdb.tmp-{pid}-*")) if output.is_dir() else []
+    return found[0] if found else None
+
+
 def start_slow_build(folder, output):
     """A build of thousands of small tiles, slow enough to be caught in the middle, in its own group."""
     images, masks = link_pairs(folder, sorted(os.listdir(os.path.join(DATA, "masks"))), copies=3)
@@ -383,10 +387,10 @@ def start_slow_build(folder, output):
         [sys.executable, SCRIPT, "--image_folder", images, "--mask_folder", masks, "--output_folder", str(output),
          "--use_tiling", "1", "--tile_size", "32", "--seed", "0", "--workers", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    temporary = pathlib.Path(atomic_files.staging_path(output / "train-HES.lmdb", process.pid))
     deadline = time.monotonic() + 60
     # allocated blocks, not the length, so that a file extended ahead of its data never counts
-    while not ((temporary / "data.mdb").exists() and (temporary / "data.mdb").stat().st_blocks * 512 > 1 << 20):
+    while not ((temporary := staging_folder(output, process.pid)) and (temporary / "data.mdb").exists()
+               and (temporary / "data.mdb").stat().st_blocks * 512 > 1 << 20):
         if process.poll() is not None or time.monotonic() > deadline:
             stop_group(process)
             pytest.fail(f"the build ended or stalled before its first commit: {process.communicate()}")

@@ -20,7 +20,7 @@ from fcdn.common import atomic_files
 from fcdn.data import records
 from fcdn.model import saved_model
 from fcdn.training.evaluation import early_stopping_status
-from fcdn.training.failures import RESUME_ON_EVERY_NODE
+from fcdn.training.failures import CHIEF_SAVES, lost_worker
 
 SCRIPT = os.path.join(REPO_ROOT, "train_fcdensenet.py")
 TINY_MODEL = ["--layers_per_block", "1", "--growth_rate", "4"]
@@ -480,7 +480,7 @@ def test_a_killed_reader_worker_ends_the_run_with_one_line(databases, tmp_path, 
     assert last.startswith(f"error: {databases[reader]}: {reader} reader worker {index} was killed by "
                            f"signal {sig.name}; saved a resume point at epoch "), last
     assert last.endswith(", run the same command to continue"), last
-    assert elapsed < 60, elapsed  # 9-17 s on a loaded 2-core machine, most of it TensorFlow's teardown
+    assert elapsed < 60, elapsed  # about 2 s here: bench/bench_dead_reader.py measures it
     state = json.loads((output / "resume" / "state.json").read_text())
     # stopped where it was: a test reader's death is not left to the next test pass, an epoch later
     assert f"at epoch {state['epoch']} step {state['step_in_epoch']}," in last
@@ -708,7 +708,7 @@ def start_workers(databases, output, count, *extra, folder):
     return processes
 
 
-def wait_for_line(path, text, process, timeout=120):
+def wait_for_line(path, text, process, timeout=240):
     deadline = time.monotonic() + timeout
     while text not in path.read_text():
         assert process.poll() is None and time.monotonic() < deadline, path.read_text()[-3000:]
@@ -736,17 +736,41 @@ def test_a_reader_dying_on_one_worker_stops_every_worker_with_one_line(databases
         assert "Traceback" not in text, text[-3000:]
     assert errors[1].strip().splitlines()[-1] == (
         f"error: {databases['train']}: train reader worker 0 was killed by signal SIGKILL; the other workers "
-        f"stop with this one; {RESUME_ON_EVERY_NODE}")
-    # the chief learns it from its next all-reduce, or from the heartbeats worker 1 no longer sends
+        f"stop with this one; {CHIEF_SAVES}, run the same command on every node to continue")
+    # the chief learns it from its next all-reduce, or from the heartbeats worker 1 no longer sends,
+    # and saves the last step it completed on its own
+    logged = re.findall(r"^epoch 1 step (\d+)/20 ", (tmp_path / "worker0.out").read_text(), re.M)
+    state = json.loads((output / "resume" / "state.json").read_text())
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, int(logged[-1]),
+                                                                           20 + int(logged[-1]))
+    assert state["step_in_epoch"] >= 3 and len(state["history"]) == 1
     last = errors[0].strip().splitlines()[-1]
-    assert last in ("error: an all-reduce with the other workers failed: one of them stopped (its log says "
-                    "why); " + RESUME_ON_EVERY_NODE,
-                    "error: worker 1 of this run stopped (its log says why); " + RESUME_ON_EVERY_NODE), last
-    assert elapsed < 60, elapsed  # 4-12 s here
+    assert re.fullmatch(r"error: (an all-reduce with the other workers failed: one of them|worker 1 of this run) "
+                        rf"stopped \(its log says why\); saved a resume point at epoch 1 step {logged[-1]}, run "
+                        r"the same command on every node to continue", last), last
+    assert elapsed < 60, elapsed
     for process in processes:
         assert not group_members(process.pid)  # no reader worker outlives its trainer
-    state = json.loads((output / "resume" / "state.json").read_text())
-    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 0, 20)  # epoch 0's end
+    # the weights saved are those of that step: Adam counted as many updates
+    import tensorflow as tf
+
+    iterations = [name for name, _ in tf.train.list_variables(str(output / "resume" / "ckpt"))
+                  if name.startswith("optimizer/") and "iteration" in name]
+    assert len(iterations) == 1, tf.train.list_variables(str(output / "resume" / "ckpt"))
+    assert tf.train.load_checkpoint(str(output / "resume" / "ckpt")).get_tensor(iterations[0]) == state["global_step"]
+
+
+def test_a_lost_worker_is_named_without_the_worker_that_noticed():
+    import tensorflow as tf
+
+    text = ("Task /job:worker/replica:0/task:1 stopped sending heartbeats for a while; noticed by "
+            "/job:worker/replica:0/task:0")
+    error = tf.errors.UnavailableError(None, None, text)
+    assert lost_worker(error, own_task=0) == "worker 1 of this run stopped (its log says why)"
+    assert lost_worker(error, own_task=None) == "worker 0, 1 of this run stopped (its log says why)"
+    assert lost_worker(tf.errors.InternalError(None, None, "Collective ops is aborted by: ...")).startswith(
+        "an all-reduce with the other workers failed")
+    assert lost_worker(tf.errors.InternalError(None, None, "something else")) is None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -52,10 +52,16 @@ def with_path(path, error):
     return shown(message if message.startswith(path) else f"{path}: {message}")
 
 
-def fail(message, status=1):
+def fail(message, status=1, at_once=False):
     """Ends the script with `error: message` on stderr and a non-zero exit status. With status 1 the
-    message travels in SystemExit, as sys.exit(text) does, so a caller of main() can read it."""
+    message travels in SystemExit, as sys.exit(text) does, so a caller of main() can read it. With
+    at_once, the process ends right after the line (processes.exit_at_once: no teardown)."""
     message = shown(message)
+    if at_once:
+        from fcdn.common.processes import exit_at_once
+
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        exit_at_once(status)
     if status == 1:
         raise SystemExit(f"error: {message}")
     print(f"error: {message}", file=sys.stderr, flush=True)

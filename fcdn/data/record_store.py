@@ -6,10 +6,10 @@ synced: the parent syncs each database once, when it is complete (finish_databas
 """
 
 import os
-import re
 
 import lmdb
 
+from fcdn.common import atomic_files
 from fcdn.data.record_encoding import encode_file
 
 INITIAL_MAP_SIZE = 8 << 20
@@ -87,9 +87,8 @@ def finish_database(path):
 
 def database_write_error(temporary, error):
     """One line for a failed database write, naming the database (not its hidden temporary name)."""
-    folder, name = os.path.split(temporary)
-    name = re.sub(r"^\.(.*)\.tmp-\d+$", r"\1", name)
-    return (f"{os.path.join(folder, name)}: writing the database failed ({error}{disk_full_note(folder or '.')}); "
+    note = disk_full_note(os.path.dirname(temporary) or ".")
+    return (f"{atomic_files.target_path(temporary)}: writing the database failed ({error}{note}); "
             f"earlier databases are left as they were")
 
 

@@ -109,10 +109,14 @@ class RunFolder:
         """The resume state: (state dict, resume directory) or (None, None).
 
         A resume point whose writer was killed between the two renames of its replacement is put
-        back first (only one run writes a folder, so no writer can still be alive).
+        back first. Only one run writes a folder, so no writer of an earlier attempt can still be
+        alive, whatever node it ran on: the chief also clears the rest of what they left (before any
+        worker of this run writes there; the others touch nothing but the resume point).
         """
         resume_dir = self.file(RESUME_DIR)
         if os.path.isdir(self.path):
+            if self.is_chief:
+                atomic_files.remove_leftovers(self.path, writer_may_live=False)
             atomic_files.recover_directory(resume_dir, writer_may_live=False)
         path = os.path.join(resume_dir, STATE_FILE)
         if not os.path.isfile(path):

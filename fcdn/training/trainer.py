@@ -18,6 +18,7 @@ import tensorflow as tf
 import fcdensenet
 from fcdn.common.stopping import Interrupted
 from fcdn.training.evaluation import TestPass, early_stopping_status, finished_reason, history_entry
+from fcdn.training.failures import StepCounters, own_worker_task
 from fcdn.training.readers import queue_text
 from fcdn.training.recipe import MAX_WARMUP_STEPS, WeightAverage, learning_rate_at, rate_plan
 from fcdn.training.run_folder import CKPT_PREFIX, SAVED_MODEL_DIR
@@ -68,6 +69,7 @@ class Trainer:
         self.folder = folder
         self.is_chief = folder.is_chief
         self.workers = strategy.num_replicas_in_sync // local_replicas
+        self.worker_task = own_worker_task(strategy)
         self.stop = stop
         self.replicas = strategy.num_replicas_in_sync
         self.global_batch = args.batch_size * self.replicas
@@ -91,6 +93,7 @@ class Trainer:
                 self.average = tracked["weight_average"] = WeightAverage(
                     self.model.trainable_variables, args.weight_averaging_decay)
         self.checkpoint = tf.train.Checkpoint(**tracked)
+        self.counters = StepCounters([self.optimizer, self.average], self.workers)
         self.train_step = make_train_step(strategy, self.model, self.optimizer, self.global_batch, args.loss,
                                           self.average)
         self.sync_statistics = make_statistics_sync(strategy, self.model)
@@ -119,6 +122,7 @@ class Trainer:
 
     def run(self):
         self.writers = open_writers(self.folder, self.state["tensorboard_dir"])
+        self.counters.record()
         while self.state["finished"] is None:
             self.train_epoch()
             self.test_epoch()
@@ -138,6 +142,7 @@ class Trainer:
             state["epoch_loss"] = state.get("epoch_loss", 0.0) + float(loss_sum)
             state["step_in_epoch"] += 1
             state["global_step"] += 1
+            self.counters.record()
             interval_sums += (loss_sum, correct, pixels)
             interval_steps += 1
             timed_steps += 1
