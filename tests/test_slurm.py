@@ -238,6 +238,11 @@ def test_a_requeued_training_saves_a_resume_point_and_ends_as_an_uninterrupted_r
 # the job array of inference
 
 
+# the large image (2.4 megapixels) is streamed: its mask is written tile by tile into its temporary
+# file, which so stays on disk for the whole image, long enough to cancel the task during it
+SEGMENT_FLAGS = ("--tile_size", "512", "--streaming_megapixels", "2")
+
+
 @pytest.fixture(scope="module")
 def slides(slurm_cluster, gray_model, tmp_path_factory):
     """A folder of 5 small images and a larger one (second in the list: the second array task's
@@ -252,7 +257,7 @@ def slides(slurm_cluster, gray_model, tmp_path_factory):
         size = 1536 if index == 1 else 64
         tifffile.imwrite(images / f"slide{index}.tif", rng.integers(0, 4000, (size, size)).astype(np.uint16))
     result = run_inference("--saved_model_filepath", gray_model[0], "--image_folder", images,
-                           "--output_folder", folder / "one_process", "--tile_size", "512")
+                           "--output_folder", folder / "one_process", *SEGMENT_FLAGS)
     assert result.returncode == 0, result.stderr[-3000:]
     return folder, images
 
@@ -261,7 +266,7 @@ def segment_array(slides, gray_model, masks, tag):
     folder, images = slides
     return (*ON_THIS_NODE, "--array=0-1", f"--output={folder}/{tag}-%A_%a.out",
             f"--export=ALL,VENV={sys.prefix},MODEL={gray_model[0]},IMAGES={images},MASKS={masks},{QUIET}",
-            SEGMENT_JOB, "--tile_size", "512")
+            SEGMENT_JOB, *SEGMENT_FLAGS)
 
 
 def same_masks(folder, expected):
@@ -302,4 +307,5 @@ def test_a_task_cancelled_mid_image_leaves_no_partial_mask_and_a_resubmission_co
     again, status = sbatch(*segment_array(slides, gray_model, masks, "again"), wait=True)
     assert status == 0, [read(folder / f"again-{again}_{task}.out") for task in (0, 1)]
     same_masks(masks, folder / "one_process")
+    assert not [name for name in os.listdir(masks) if name.startswith(".")]  # the cancelled task's temporary went
 
