@@ -21,22 +21,13 @@ import numpy as np
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
+from bench_engines import export_fcdensenet56  # noqa: E402  (bench/ is the script's folder)
+
 from fcdn.inference import engines, int8, openvino_cache  # noqa: E402
 
 SIZE = 1024
 TILE = 512
 CALIBRATION_TILES = 16
-
-
-def export_fcdensenet56(path):
-    import keras
-
-    import fcdensenet
-    from fcdn.model import saved_model
-
-    keras.utils.set_random_seed(11)
-    model = fcdensenet.build_model("FCDenseNet56", number_channels=1, number_classes=2)
-    saved_model.export_saved_model(model, path, radius=0)  # the radius plays no part here: skip its probe
 
 
 def large_image():
