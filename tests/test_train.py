@@ -437,12 +437,13 @@ def reader_workers(trainer_pid):
     return [pid for _, pid in sorted(workers)]
 
 
-def kill_worker_after(command, marker, worker, sig, timeout=240):
+def kill_worker_after(command, marker, worker, sig, timeout=240, temporary_folder=None):
     """Run the trainer until a stdout line holds `marker`, then send `sig` to reader worker number
     `worker` (train reader's first, the test reader's last); return (return code, stdout, stderr,
-    seconds from the kill to the exit)."""
+    seconds from the kill to the exit). `temporary_folder`: the trainer's TMPDIR."""
+    env = dict(os.environ, **QUIET_TF, **({"TMPDIR": str(temporary_folder)} if temporary_folder else {}))
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=dict(os.environ, **QUIET_TF), start_new_session=True)
+                               env=env, start_new_session=True)
     lines, killed_at = [], None
     try:
         for line in process.stdout:
@@ -472,8 +473,12 @@ def test_a_killed_reader_worker_ends_the_run_with_one_line(databases, tmp_path, 
     command = train_command(databases, output, "--batch_size", "2", "--test_every_n_steps", "20",
                             "--max_epochs", "2", "--seed", "0", "--log_every_n_steps", "1",
                             "--reader_count", str(reader_count))
-    code, out, stderr, elapsed = kill_worker_after(command, marker, worker, sig)
+    temporary_folder = tmp_path / "tmp"
+    temporary_folder.mkdir()
+    code, out, stderr, elapsed = kill_worker_after(command, marker, worker, sig, temporary_folder=temporary_folder)
     assert code == 1, stderr[-3000:]
+    # the quick exit still runs Python's exit handlers: TensorFlow's autograph files go with them
+    assert not os.listdir(temporary_folder), os.listdir(temporary_folder)
     assert "Traceback" not in stderr, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
     index = worker % (reader_count if reader == "train" else 1)

@@ -5,8 +5,8 @@ multiprocessing context, must notice at once when one dies (the out-of-memory ki
 instead of waiting for it forever, and must leave none behind when they stop.
 """
 
+import atexit
 import multiprocessing.connection
-import multiprocessing.util
 import os
 import signal
 import sys
@@ -41,9 +41,11 @@ def exit_at_once(status):
     for child in multiprocessing.active_children():
         child.kill()
         child.join(1.0)
-    # what the interpreter's exit would run for multiprocessing: its finalizers unlink the queues'
-    # named semaphores, which the resource tracker would otherwise report as leaked, after our last line
-    multiprocessing.util._exit_function()
+    # what the interpreter's exit runs in Python, without the C++ teardown that follows: multiprocessing's
+    # finalizers unlink the queues' named semaphores (which the resource tracker would otherwise report
+    # as leaked, after our last line), and TensorFlow removes the autograph files it wrote to the
+    # temporary folder (which would otherwise stay there for good)
+    atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
