@@ -9,7 +9,8 @@ gets `<stem>_objects.csv`: object_id, class, area_pixels, centroid, bounding box
 equivalent diameter, eccentricity; with --image_folder the mean, min and max intensity of every
 channel of the image of the same name; in micrometres too where the mask's file gives its pixel
 size (TIFF resolution, ImageJ unit, OME PhysicalSize, NGFF scale). `objects_summary.csv` counts the
-objects of each class in each mask with their total and mean area. Masks of at least
+objects of each class in each mask with their total and mean area. A stack (z, t) is measured
+plane by plane, its rows led by the plane's index. Masks of at least
 --streaming_megapixels are measured band by band, never read whole, with the same results.
 """
 

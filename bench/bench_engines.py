@@ -36,6 +36,14 @@ def export_fcdensenet56(path):
     saved_model.export_saved_model(model, path, radius=0)  # the radius plays no part here: skip its probe
 
 
+def report_speeds(times, megapixels):
+    """Prints each engine's best Mpx/s over its runs (a dict of lists of seconds); returns them."""
+    speed = {name: megapixels / min(runs) for name, runs in times.items()}
+    for name, runs in times.items():
+        print(f"{name}: {speed[name]:.3f} Mpx/s (seconds per run: {', '.join(f'{s:.2f}' for s in runs)})")
+    return speed
+
+
 def main():
     with tempfile.TemporaryDirectory(prefix="bench_engines_") as workdir:
         os.environ[openvino_cache.CACHE_ENV] = os.path.join(workdir, "cache")  # not the user's own cache
@@ -53,10 +61,7 @@ def main():
             started = time.perf_counter()
             predictors[name](tile)
             times[name].append(time.perf_counter() - started)
-    megapixels = SIZE * SIZE / 1e6
-    speed = {name: megapixels / min(runs) for name, runs in times.items()}
-    for name, runs in times.items():
-        print(f"{name}: {speed[name]:.3f} Mpx/s (seconds per run: {', '.join(f'{s:.2f}' for s in runs)})")
+    speed = report_speeds(times, SIZE * SIZE / 1e6)
     difference = np.abs(outputs["openvino"] - outputs["tensorflow"]).max()
     agreement = np.mean(outputs["openvino"].argmax(-1) == outputs["tensorflow"].argmax(-1))
     print(f"largest probability difference {difference:.2e}; masks agree on {agreement:.4%} of the pixels")

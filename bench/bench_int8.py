@@ -21,7 +21,7 @@ import numpy as np
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from bench_engines import export_fcdensenet56  # noqa: E402  (bench/ is the script's folder)
+from bench_engines import export_fcdensenet56, report_speeds  # noqa: E402  (bench/ is the script's folder)
 
 from fcdn.inference import engines, int8, openvino_cache  # noqa: E402
 
@@ -69,10 +69,7 @@ def main():
             for tile in tiles:
                 predictors[name](tile)
             times[name].append(time.perf_counter() - started)
-    megapixels = SIZE * SIZE / 1e6
-    speed = {name: megapixels / min(runs) for name, runs in times.items()}
-    for name, runs in times.items():
-        print(f"{name}: {speed[name]:.3f} Mpx/s (seconds per run: {', '.join(f'{s:.2f}' for s in runs)})")
+    speed = report_speeds(times, SIZE * SIZE / 1e6)
     agreement = np.mean(outputs["int8"].argmax(-1) == outputs["float32"].argmax(-1))
     print(f"masks agree on {agreement:.4%} of a tile's pixels (untrained weights: near ties)")
     print(f"int8 against float32 (OpenVINO, FCDenseNet56, {SIZE}x{SIZE}) Mpx/s ratio="

@@ -144,7 +144,8 @@ def test_a_bad_plane_fails_its_stack_alone_and_leaves_no_file(tmp_path, streamin
 def test_object_tables_of_a_stack_are_refused(tmp_path):
     tifffile.imwrite(tmp_path / "z.tif", planes_values((2, 32, 32)), imagej=True, metadata={"axes": "ZYX"})
     [result] = segment([tmp_path / "z.tif"], tmp_path / "out", measure_objects=True)
-    assert "object tables are measured on 2-D images; this is a stack of 2 planes" in str(result.error)
+    assert "--measure_objects 1 measures 2-D images; this is a stack of 2 planes" in str(result.error)
+    assert "measure its mask with measure_objects.py" in str(result.error)
     assert os.listdir(tmp_path / "out") == []
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from fcdn.common import errors, qc_pictures
 from fcdn.data import image_files, image_sources, ome_zarr_io
 from fcdn.inference import mask_writers, pipeline, segmentation, stacks, tiling
-from fcdn.measure import banded, tables
+from fcdn.measure import banded, planes, tables
 
 # images prepared ahead of the model: the next one's statistics pass (a whole read of a large image)
 # overlaps the model's work on the current one; more would hold more images in memory
@@ -161,7 +161,7 @@ def objects_consumer(source, name, output_folder):
         table = banded.BandedObjects(width, channels)
         for start, image_rows, mask_rows in items:
             table.add(start, mask_rows, image_rows)
-        tables.write_table(path, table.finish(), tables.pixel_size_um(source))
+        tables.write_table(path, table.finish(), planes.pixel_size_um(source))
 
     return measure
 
@@ -222,8 +222,8 @@ def prepare_planes(stack, metadata, options):
         try:
             if options.measure_objects:
                 raise image_files.ImageFileError(
-                    f"{stack.path}: object tables are measured on 2-D images; this is a stack of "
-                    f"{stack.planes} planes ({stack.describe()})")
+                    f"{stack.path}: --measure_objects 1 measures 2-D images; this is a stack of "
+                    f"{stack.planes} planes ({stack.describe()}): measure its mask with measure_objects.py")
             if index == 0:
                 stack.open_feeds(metadata["number_classes"], dtype, options)
             source = stack.plane_source(index, options)

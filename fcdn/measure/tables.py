@@ -17,8 +17,8 @@ import numpy as np
 
 from fcdn.common import atomic_files
 from fcdn.common.errors import with_path
-from fcdn.data import image_sources, ome_zarr_io
-from fcdn.measure import banded, objects, units
+from fcdn.data import ome_zarr_io
+from fcdn.measure import banded, objects, planes
 
 SUMMARY_FILE = "objects_summary.csv"
 TABLE_SUFFIX = "_objects.csv"
@@ -47,21 +47,6 @@ def list_masks(folder):
     return names
 
 
-def open_mask(path, streaming_megapixels, label_name):
-    """The image source of a mask: a TIFF or PNG file, an NGFF label image, or the label image
-    `labels/<label_name>` of an OME-Zarr image."""
-    if path.lower().endswith(".zarr"):
-        labels = os.path.join(path, "labels", label_name)
-        return ome_zarr_io.ZarrSource.open(labels if os.path.isdir(labels) else path)
-    return image_sources.open_source(path, streaming_megapixels)
-
-
-def open_image(path, streaming_megapixels):
-    if path.lower().endswith(".zarr"):
-        return ome_zarr_io.ZarrSource.open(path)
-    return image_sources.open_source(path, streaming_megapixels)
-
-
 def checked_mask_rows(rows, path):
     """Mask rows as a 2-D integer array; ValueError (one line) for floats, channels or negative classes."""
     if rows.shape[2] != 1:
@@ -71,12 +56,6 @@ def checked_mask_rows(rows, path):
     if rows.size and rows.min() < 0:
         raise ValueError(f"{path}: mask holds negative values (min {rows.min()}); classes must be >= 0")
     return rows[:, :, 0]
-
-
-def pixel_size_um(source):
-    if isinstance(source, ome_zarr_io.ZarrSource):
-        return units.from_zarr(source)
-    return units.from_tiff(source.pixel_size)
 
 
 def measure_source(mask, image=None):
@@ -95,6 +74,30 @@ def measure_source(mask, image=None):
         table.add(start, checked_mask_rows(mask.rows(start, stop), mask.path),
                   None if image is None else image.rows(start, stop))
     return table.finish()
+
+
+def measure_file(path, image_path, streaming_megapixels, label_name):
+    """(columns, (y, x) micrometres or None) of one mask file, and its image's intensities with
+    `image_path`. A stack is measured plane by plane; its rows then start with `plane` (the plane's
+    index) and the index along each stack axis (`t`, `z`, ...), and object ids run over the stack."""
+    with planes.PlaneFile.open(path, streaming_megapixels, label_name) as mask:
+        image = planes.PlaneFile.open(image_path, streaming_megapixels) if image_path else None
+        try:
+            if image is not None and image.count != mask.count:
+                raise ValueError(f"{image_path}: image has {image.count} planes but its mask {path} "
+                                 f"has {mask.count}")
+            parts = []
+            for index in range(mask.count):
+                columns = measure_source(mask.source(index), None if image is None else image.source(index))
+                if mask.count > 1:
+                    count = len(columns["area_pixels"])
+                    at = dict(zip(mask.axes, mask.position(index)), plane=index)
+                    columns = {name: np.full(count, at[name], np.int64) for name in ("plane", *mask.axes)} | columns
+                parts.append(columns)
+        finally:
+            if image is not None:
+                image.close()
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}, mask.pixel_um
 
 
 def physical_columns(columns, pixel_um):
@@ -125,10 +128,12 @@ def _cell(value):
 
 
 def write_table(path, columns, pixel_um):
-    """`<stem>_objects.csv`: object_id, the shape columns, the micrometre ones, the intensities."""
+    """`<stem>_objects.csv`: object_id, a stack's plane columns, the shape columns, the micrometre
+    ones, the intensities."""
     physical = physical_columns(columns, pixel_um)
     intensity = [name for name in columns if name.startswith("intensity_")]
-    names = [*objects.SHAPE_COLUMNS, *physical, *intensity]
+    position = [name for name in columns if name not in objects.SHAPE_COLUMNS and name not in intensity]
+    names = [*position, *objects.SHAPE_COLUMNS, *physical, *intensity]
     merged = {**columns, **physical}
     count = len(columns["area_pixels"])
     rows = [[index + 1, *(_cell(merged[name][index]) for name in names)] for index in range(count)]
@@ -145,14 +150,7 @@ def measure_folder(mask_folder, output_folder, *, image_folder=None, streaming_m
     for name in names:
         path = os.path.join(mask_folder, name)
         try:
-            with open_mask(path, streaming_megapixels, label_name) as mask:
-                image = open_image(images[name], streaming_megapixels) if name in images else None
-                try:
-                    columns = measure_source(mask, image)
-                finally:
-                    if image is not None:
-                        image.close()
-                pixel_um = pixel_size_um(mask)
+            columns, pixel_um = measure_file(path, images.get(name), streaming_megapixels, label_name)
             table_path = os.path.join(output_folder, table_name(name))
             write_table(table_path, columns, pixel_um)
         except (ValueError, OSError) as error:  # a ValueError's line already names its file
@@ -160,38 +158,54 @@ def measure_folder(mask_folder, output_folder, *, image_folder=None, streaming_m
             log(f"failed: {failures[-1]}")
             continue
         written.append(table_path)
-        log(f"{name}: {len(columns['area_pixels'])} objects")
+        planes_note = f" in {columns['plane'].max() + 1} planes" if "plane" in columns else ""
+        log(f"{name}: {len(columns['area_pixels'])} objects{planes_note}")
     write_summary(os.path.join(output_folder, SUMMARY_FILE), written)
     return failures
 
 
 def write_summary(path, table_paths):
-    """objects_summary.csv from the object tables written: one row for each table and each class found
-    in any of them (count 0 where a table has none), with the total and mean area in pixels, and in
-    micrometres² where the tables have them. Read back from the tables, so that the parts of a job
-    array each rewrite it whole from what all of them wrote so far."""
+    """objects_summary.csv from the object tables written: one row for each table (each plane of a
+    stack's table, its index in a `plane` column) and each class found in any of them (count 0 where
+    a table has none), with the total and mean area in pixels, and in micrometres² where the tables
+    have them. Read back from the tables, so that the parts of a job array each rewrite it whole from
+    what all of them wrote so far."""
     counted = []
     for table_path in table_paths:
         with open(table_path, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        name = os.path.basename(table_path)[:-len(TABLE_SUFFIX)]
-        counted.append((name, rows))
-    classes = sorted({int(row["class"]) for _, rows in counted for row in rows})
-    with_units = any(rows and "area_um2" in rows[0] for _, rows in counted)
-    header = ["image", "class", "count", "total_area_pixels", "mean_area_pixels"]
-    header += ["total_area_um2", "mean_area_um2"] if with_units else []
+            reader = csv.DictReader(handle)
+            rows, header = list(reader), reader.fieldnames or []
+        counted.append((os.path.basename(table_path)[:-len(TABLE_SUFFIX)], header, rows))
+    classes = sorted({int(row["class"]) for _, _, rows in counted for row in rows})
+    with_planes = any("plane" in header for _, header, _ in counted)
+    with_units = any("area_um2" in header for _, header, _ in counted)
+    columns = ["image", *(["plane"] if with_planes else []), "class", "count", "total_area_pixels",
+               "mean_area_pixels", *(["total_area_um2", "mean_area_um2"] if with_units else [])]
     lines = []
-    for name, rows in counted:
-        for value in classes:
-            objects_of_class = [row for row in rows if int(row["class"]) == value]
-            count, total = len(objects_of_class), sum(int(row["area_pixels"]) for row in objects_of_class)
-            line = [name, value, count, total, _cell(total / count) if count else ""]
-            if with_units:
-                known = bool(rows) and "area_um2" in rows[0]
-                area = sum(float(row["area_um2"]) for row in objects_of_class) if known else None
-                line += ["", ""] if area is None else [_cell(area), _cell(area / count) if count else ""]
-            lines.append(line)
-    atomic_files.write_text(path, csv_text(header, lines))
+    for name, header, rows in counted:
+        by_plane = {}
+        for row in rows:
+            by_plane.setdefault(row.get("plane", ""), []).append(row)
+        for plane, plane_rows in sorted(by_plane.items(), key=lambda item: int(item[0] or 0)) or [("", [])]:
+            for value in classes:
+                line = [name, *([plane] if with_planes else []), value]
+                line += _summary_cells([row for row in plane_rows if int(row["class"]) == value],
+                                       "area_um2" in header if with_units else None)
+                lines.append(line)
+    atomic_files.write_text(path, csv_text(columns, lines))
+
+
+def _summary_cells(rows, known_units):
+    """count, total and mean area in pixels (and in micrometres² when known_units is not None: blank
+    cells where the table has none)."""
+    count, total = len(rows), sum(int(row["area_pixels"]) for row in rows)
+    cells = [count, total, _cell(total / count) if count else ""]
+    if known_units is None:
+        return cells
+    if not known_units:
+        return cells + ["", ""]
+    area = sum(float(row["area_um2"]) for row in rows)
+    return cells + [_cell(area), _cell(area / count) if count else ""]
 
 
 def match_images(mask_names, image_folder):
