@@ -12,6 +12,7 @@ from conftest import last_line, run_inference
 from fcdn.common import qc_pictures
 from fcdn.data import image_sources
 from fcdn.inference import mask_writers, pipeline, segmentation
+from fcdn.measure import planes
 
 
 def ome_physical_size(path):
@@ -148,6 +149,8 @@ def test_probabilities_overlays_and_pixel_sizes_through_the_script(gray_model, m
     ome = {"PhysicalSizeX": 0.65, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": 0.7, "PhysicalSizeYUnit": "µm"}
     tifffile.imwrite(images / "cells.ome.tif", mosaic[:300, :400], metadata=dict(ome, axes="YX"))
     tifffile.imwrite(images / "plain.tif", mosaic[:200, :260], resolution=(2.5, 4.0), resolutionunit="CENTIMETER")
+    tifffile.imwrite(images / "fiji.tif", mosaic[:64, :96], imagej=True, resolution=(5.0, 5.0),
+                     metadata={"unit": "micron", "axes": "YX"})
     # large enough to stream (above 0.5 Mpx) and to be downscaled in its overlay
     tifffile.imwrite(images / "slide.tif", mosaic[:1500, :1100].repeat(2, axis=0), tile=(256, 256),
                      compression="zlib")
@@ -157,9 +160,10 @@ def test_probabilities_overlays_and_pixel_sizes_through_the_script(gray_model, m
                            "--tile_size", "1024")
     assert result.returncode == 0, result.stderr
     masks = tmp_path / "masks"
-    assert sorted(os.listdir(masks)) == ["cells.ome.tif", "cells_probabilities.ome.tif", "plain.tif",
-                                         "plain_probabilities.tif", "slide.tif", "slide_probabilities.tif"]
-    assert sorted(os.listdir(tmp_path / "qc")) == ["cells.ome.png", "plain.png", "slide.png"]
+    assert sorted(os.listdir(masks)) == ["cells.ome.tif", "cells_probabilities.ome.tif", "fiji.tif",
+                                         "fiji_probabilities.tif", "plain.tif", "plain_probabilities.tif",
+                                         "slide.tif", "slide_probabilities.tif"]
+    assert sorted(os.listdir(tmp_path / "qc")) == ["cells.ome.png", "fiji.png", "plain.png", "slide.png"]
 
     for stem, mask_name in (("cells", "cells.ome.tif"), ("plain", "plain.tif"), ("slide", "slide.tif")):
         mask = tifffile.imread(masks / mask_name)
@@ -183,6 +187,11 @@ def test_probabilities_overlays_and_pixel_sizes_through_the_script(gray_model, m
         with tifffile.TiffFile(masks / name) as tiff:
             page = tiff.pages.first
             assert page.get_resolution() == (2.5, 4.0) and int(page.resolutionunit) == 3  # centimetre
+    # an ImageJ image's unit stays with its mask: 5 pixels a micron, read back as 0.2 um pixels
+    with tifffile.TiffFile(masks / "fiji.tif") as tiff:
+        assert tiff.imagej_metadata["unit"] == "micron" and tiff.pages.first.get_resolution() == (5.0, 5.0)
+    with planes.PlaneFile.open(str(masks / "fiji.tif"), 64.0) as mask_file:
+        assert mask_file.pixel_um == pytest.approx((0.2, 0.2))
 
     overlay = iio.imread(tmp_path / "qc" / "slide.png")
     assert overlay.shape == (1500, 550, 3)  # 3000x1100 at a stride of 2: nothing cropped or stretched

@@ -7,8 +7,8 @@ Every writer builds its file under a temporary name and renames it into place wh
 (atomic_files), so a mask that exists is whole. TIFF masks are zlib-compressed, tiled (1024x1024)
 when larger than one tile; a streamed mask (its image was never held whole) is written tile by tile
 as a tiled BigTIFF and never held whole either. png and jpg images get png masks: a mask must be
-stored losslessly. A TIFF output carries its image's pixel size: the resolution tags, and for an
-OME-TIFF image the OME PhysicalSizeX/Y with their units.
+stored losslessly. A TIFF output carries its image's pixel size: the resolution tags, for an
+OME-TIFF image the OME PhysicalSizeX/Y with their units, and for an ImageJ image its unit.
 """
 
 import os
@@ -59,8 +59,10 @@ def tiff_tiles(bands, width, dtype, samples=()):
             yield block[:, x:x + OUTPUT_TIFF_TILE].copy()
 
 
-def _tiff_options(pixel_size, samples):
-    """TiffWriter and write() keyword arguments that carry the image's pixel size."""
+def _tiff_options(pixel_size, samples, plain):
+    """TiffWriter and write() keyword arguments that carry the image's pixel size. plain: a mask that
+    ImageJ's format can hold (uint8 or uint16, no samples, not a BigTIFF), which keeps an ImageJ
+    image's `unit`: without it the resolution tags count pixels per no unit at all."""
     opener, options = {"ome": False}, {}
     if pixel_size is None:
         return opener, options
@@ -69,6 +71,9 @@ def _tiff_options(pixel_size, samples):
     if pixel_size.ome:
         opener["ome"] = True
         options["metadata"] = dict(pixel_size.ome, axes="YXS" if samples else "YX")
+    elif pixel_size.imagej_unit and plain and not samples:
+        opener["imagej"] = True
+        options["metadata"] = {"unit": pixel_size.imagej_unit, "axes": "YX"}
     return opener, options
 
 
@@ -104,7 +109,8 @@ class TiffMaskWriter(MaskWriter):
             data = np.concatenate(list(bands))
             tiled = shape[0] > OUTPUT_TIFF_TILE or shape[1] > OUTPUT_TIFF_TILE
             big = data.nbytes >= BIGTIFF_BYTES
-        opener, options = _tiff_options(pixel_size, samples)
+        plain = not big and dtype in (np.uint8, np.uint16)
+        opener, options = _tiff_options(pixel_size, samples, plain)
         if samples:
             options.update(photometric="minisblack", planarconfig="contig")
         with tifffile.TiffWriter(path, bigtiff=big, **opener) as writer:
