@@ -127,15 +127,6 @@ def slurm_cluster_state():
     return None
 
 
-def pytest_xdist_auto_num_workers(config):
-    """`-n auto` (pyproject's addopts): one worker more than the cores this process may use, at most
-    --maxprocesses. Many tests wait on a subprocess starting Python and TensorFlow, single-threaded,
-    which left a core idle about a seventh of the time with one worker a core. The slurm tests keep
-    one worker a core: their jobs share the cluster's cores with the workers."""
-    cores = len(os.sched_getaffinity(0))
-    return cores if "slurm" in (config.getoption("markexpr") or "") else cores + 1
-
-
 def pytest_collection_modifyitems(config, items):
     """The slurm tests run only when -m names them (`pytest -m slurm tests`, a step of its own in
     .ci/run): they submit whole jobs and take minutes, so the README's test command, with or without
