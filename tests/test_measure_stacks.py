@@ -113,3 +113,14 @@ def test_an_ngff_label_image_of_a_z_stack_is_measured_plane_by_plane(tmp_path):
     assert list(rows[0])[:4] == ["object_id", "plane", "z", "class"]
     assert_rows_equal_the_planes(rows, masks)
     assert float(rows[-1]["area_um2"]) == 0.25
+
+
+def test_a_stack_without_objects_gets_a_table_of_its_columns_and_the_log_counts_its_planes(tmp_path):
+    os.makedirs(tmp_path / "masks")
+    tifffile.imwrite(tmp_path / "masks" / "empty.tif", np.zeros((3, 16, 16), np.uint8), imagej=True,
+                     metadata={"axes": "ZYX"})
+    lines = []
+    assert tables.measure_folder(tmp_path / "masks", tmp_path / "out", log=lines.append) == []
+    assert lines == ["empty.tif: 0 objects in 3 planes"]
+    with open(tmp_path / "out" / "empty_objects.csv") as handle:
+        assert handle.read().splitlines()[0].startswith("object_id,plane,z,class,")

@@ -77,7 +77,7 @@ def measure_source(mask, image=None):
 
 
 def measure_file(path, image_path, streaming_megapixels, label_name):
-    """(columns, (y, x) micrometres or None) of one mask file, and its image's intensities with
+    """(columns, (y, x) micrometres or None, planes) of one mask file, and its image's intensities with
     `image_path`. A stack is measured plane by plane; its rows then start with `plane` (the plane's
     index) and the index along each stack axis (`t`, `z`, ...), and object ids run over the stack."""
     with planes.PlaneFile.open(path, streaming_megapixels, label_name) as mask:
@@ -97,7 +97,8 @@ def measure_file(path, image_path, streaming_megapixels, label_name):
         finally:
             if image is not None:
                 image.close()
-        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}, mask.pixel_um
+        columns = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+        return columns, mask.pixel_um, mask.count
 
 
 def physical_columns(columns, pixel_um):
@@ -150,7 +151,7 @@ def measure_folder(mask_folder, output_folder, *, image_folder=None, streaming_m
     for name in names:
         path = os.path.join(mask_folder, name)
         try:
-            columns, pixel_um = measure_file(path, images.get(name), streaming_megapixels, label_name)
+            columns, pixel_um, plane_count = measure_file(path, images.get(name), streaming_megapixels, label_name)
             table_path = os.path.join(output_folder, table_name(name))
             write_table(table_path, columns, pixel_um)
         except (ValueError, OSError) as error:  # a ValueError's line already names its file
@@ -158,7 +159,7 @@ def measure_folder(mask_folder, output_folder, *, image_folder=None, streaming_m
             log(f"failed: {failures[-1]}")
             continue
         written.append(table_path)
-        planes_note = f" in {columns['plane'].max() + 1} planes" if "plane" in columns else ""
+        planes_note = f" in {plane_count} planes" if plane_count > 1 else ""
         log(f"{name}: {len(columns['area_pixels'])} objects{planes_note}")
     write_summary(os.path.join(output_folder, SUMMARY_FILE), written)
     return failures
