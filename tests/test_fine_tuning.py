@@ -53,17 +53,21 @@ def test_the_source_weights_are_loaded_and_a_new_class_count_gets_a_fresh_classi
 
 @pytest.mark.slow
 def test_fine_tuning_records_its_source_and_a_resume_does_not_start_again(databases, tmp_path):  # noqa: F811
-    source_dir, tuned_dir = tmp_path / "source", tmp_path / "tuned"
-    result, _ = run(train_command(databases, source_dir, "--test_every_n_steps", "2", "--max_epochs", "1",
-                                  "--seed", "0"))
-    assert result.returncode == 0, result.stderr
-    source_path = str(source_dir / "saved_model")
+    from fcdn.model import saved_model
+
+    # the source as the trainer exports it (test_train's tiny run checks that its export holds these)
+    source_path, tuned_dir = str(tmp_path / "source"), tmp_path / "tuned"
+    training = {"train_database": databases["train"], "epoch": 0, "global_step": 2, "mean_iou": 0.5,
+                "layers_per_block": 1, "growth_rate": 4}
+    saved_model.export_saved_model(tiny_model(2, seed=0), source_path, radius=96,
+                                   extra_metadata={"training": training})
 
     result, _ = run(train_command(databases, tuned_dir, "--test_every_n_steps", "2", "--max_epochs", "1",
                                   "--number_classes", "3", "--init_from", source_path))
     assert result.returncode == 0, result.stderr
     line = next(line for line in result.stdout.splitlines() if line.startswith("initial weights:"))
-    assert line.startswith(f"initial weights: {source_path} (FCDenseNet-custom, trained on ")
+    assert line.startswith(f"initial weights: {source_path} (FCDenseNet-custom, trained on {databases['train']} "
+                           "to epoch 0 (mean IoU 0.5000)")
     assert line.endswith("; a new classifier for 3 classes (the source has 2)")
     with open(tuned_dir / "run_settings.json") as handle:
         recorded = json.load(handle)["init_from"]

@@ -318,6 +318,7 @@ def test_mixed_precision_step_scales_the_loss_and_trains(tmp_path):
 @pytest.mark.slow
 def test_tiny_run_writes_every_output(databases, tmp_path):
     from fcdn.data import image_files
+    from fcdn.training import fine_tuning
 
     config = tmp_path / "augment.json"
     config.write_text(json.dumps({"rotation": False, "noise_severity": 0.0}))
@@ -371,6 +372,12 @@ def test_tiny_run_writes_every_output(databases, tmp_path):
     predict, metadata = saved_model.load_saved_model(str(output / "saved_model"))
     assert metadata["number_classes"] == 2 and metadata["number_channels"] == 1
     assert metadata["training"]["batch_size"] == 2 and metadata["training"]["epoch"] == best_epoch
+    # what --init_from reports of a source model (test_fine_tuning exports one as this)
+    source = fine_tuning.describe_source(str(output / "saved_model"))
+    assert {key: source[key] for key in fine_tuning.SOURCE_TRAINING_KEYS} == {
+        "train_database": databases["train"], "epoch": best_epoch, "global_step": 3 * (best_epoch + 1),
+        "mean_iou": pytest.approx(float(rows[best_epoch + 1][4]), abs=1e-6), "layers_per_block": 1,
+        "growth_rate": 4}
     env = lmdb.open(databases["test"], readonly=True, lock=False)
     with env.begin() as transaction:
         pairs = [records.decode_record(value) for _, value in transaction.cursor()]
