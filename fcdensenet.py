@@ -24,7 +24,8 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from fcdn.data.records import SIZE_FACTOR
+from fcdn.data.records import SIZE_FACTOR  # noqa: F401 (part of this module's API)
+from fcdn.model.input_size import NUMBER_POOLS, check_input_size  # noqa: F401 (part of this module's API)
 
 VARIANTS = {
     "FCDenseNet56": {"layers_per_block": (4, 4, 4, 4, 4, 4), "growth_rate": 12},
@@ -34,27 +35,12 @@ VARIANTS = {
 DEFAULT_VARIANT = "FCDenseNet56"
 CUSTOM_NAME = "FCDenseNet-custom"
 FIRST_FILTERS = 48
-NUMBER_POOLS = 5  # 2**NUMBER_POOLS == SIZE_FACTOR
 BN_MOMENTUM = 0.9
 LOGITS_LAYER = "logits"
 
 
 # ----------------------------------------------------------------------------------------------
 # argument checks
-
-
-def check_input_size(height, width):
-    """Raise ValueError unless height and width are positive multiples of SIZE_FACTOR (32)."""
-    for name, value in (("height", height), ("width", width)):
-        try:
-            valid = int(value) == value and value > 0 and value % SIZE_FACTOR == 0
-        except (TypeError, ValueError):
-            valid = False
-        if not valid:
-            raise ValueError(
-                f"image {name} {value} is not a positive multiple of {SIZE_FACTOR} "
-                f"(the FC-DenseNet pools {NUMBER_POOLS} times)"
-            )
 
 
 def _check_positive_int(name, value, minimum=1):

@@ -243,6 +243,63 @@ def test_read_only_model_folder_runs_and_gets_nothing_written(gray_model, tmp_pa
 
 
 # ---------------------------------------------------------------------------------------------
+# TensorFlow is loaded only where it may show a GPU or has to run the model
+
+PROBE = "from fcdn.common import devices; print(devices.no_gpu_without_loading_tensorflow())"
+
+
+def probe_answer(tmp_path, env=None, path_entry=None):
+    """What the probe says in a fresh interpreter (no TensorFlow loaded), with `env` added and
+    `path_entry` first on sys.path."""
+    prefix = f"import sys; sys.path.insert(0, {str(path_entry)!r}); " if path_entry else ""
+    result = subprocess.run([sys.executable, "-c", prefix + PROBE], capture_output=True, text=True, timeout=60,
+                            cwd=REPO_ROOT, env=dict(os.environ, **(env or {})))
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@pytest.mark.slow
+def test_the_gpu_probe_is_sure_only_for_tensorflow_cpu_without_plugins(tmp_path):
+    from importlib.metadata import distribution
+
+    distribution("tensorflow-cpu")  # what requirements.txt installs here
+    assert probe_answer(tmp_path) == "True"
+    assert probe_answer(tmp_path, env={"TF_PLUGGABLE_DEVICE_LIBRARY_PATH": str(tmp_path)}) == "False"
+    (tmp_path / "site" / "tensorflow-plugins").mkdir(parents=True)  # where DirectML and Metal go
+    assert probe_answer(tmp_path, path_entry=tmp_path / "site") == "False"
+    # a GPU wheel installed beside tensorflow-cpu: only TensorFlow can tell
+    (tmp_path / "wheel" / "tensorflow-2.21.0.dist-info").mkdir(parents=True)
+    (tmp_path / "wheel" / "tensorflow-2.21.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: tensorflow\nVersion: 2.21.0\n")
+    assert probe_answer(tmp_path, path_entry=tmp_path / "wheel") == "False"
+
+
+@pytest.mark.slow
+def test_a_cached_model_runs_on_openvino_without_loading_tensorflow(gray_model, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    tifffile.imwrite(images / "a.tif", (np.arange(96 * 80) % 997).reshape(96, 80).astype(np.uint16))
+    run = ("import runpy, sys\n"
+           "sys.argv = ['inference_fcdensenet.py', *sys.argv[1:]]\n"
+           "try:\n"
+           "    runpy.run_path('inference_fcdensenet.py', run_name='__main__')\n"
+           "except SystemExit as end:\n"
+           "    assert not end.code, end.code\n"
+           "print('tensorflow loaded:', 'tensorflow' in sys.modules)\n")
+    outputs = []
+    for attempt in ("first", "second"):  # the first converts (OpenVINO's converter loads TensorFlow)
+        result = subprocess.run([sys.executable, "-c", run, "--saved_model_filepath", gray_model[0],
+                                 "--image_folder", str(images), "--output_folder", str(tmp_path / attempt)],
+                                capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "engine openvino" in result.stdout
+        outputs.append(result.stdout.strip().splitlines()[-1])
+    assert outputs[1] == "tensorflow loaded: False"
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "first" / "a.tif"),
+                                  tifffile.imread(tmp_path / "second" / "a.tif"))
+
+
+# ---------------------------------------------------------------------------------------------
 # bad input: one line, a non-zero exit, nothing written
 
 @pytest.mark.slow

@@ -27,6 +27,8 @@ import numpy as np
 
 from fcdn.common import atomic_files, errors
 from fcdn.inference import int8, openvino_cache
+from fcdn.model.input_size import check_input_size
+from fcdn.model.metadata import METADATA_FILENAME, read_metadata
 
 ENGINES = ("auto", "openvino", "tensorflow")
 PRECISIONS = ("float32", "int8")
@@ -52,16 +54,19 @@ def load_model(path, engine="auto", device_names=None, **precision):
     if not os.path.isdir(path):
         raise ValueError(f"{path}: SavedModel folder does not exist")
     from fcdn.common import devices
-    from fcdn.model import saved_model
 
     if precision.get("precision", "float32") != "float32":
         engine = "openvino"  # int8 models run on OpenVINO only
     if device_names is not None and engine == "openvino":
         raise ValueError("OpenVINO runs on the CPU: name TensorFlow devices with the tensorflow engine")
-    names = list(device_names) if device_names is not None else devices.inference_devices()
-    if engine == "openvino" or (engine == "auto" and device_names is None and len(names) == 1):
+    # one CPU and no GPU possible: TensorFlow is not loaded to count devices (nor at all on OpenVINO)
+    one_cpu = engine != "tensorflow" and device_names is None and devices.no_gpu_without_loading_tensorflow()
+    names = None if one_cpu else list(device_names) if device_names is not None else devices.inference_devices()
+    if one_cpu or engine == "openvino" or (engine == "auto" and device_names is None and len(names) == 1):
         predict, metadata, chosen = load_predictor(path, engine, **precision)
-        return predict, metadata, (["CPU"] if chosen == "openvino" else names), chosen
+        return predict, metadata, (["CPU"] if chosen == "openvino" else names or devices.inference_devices()), chosen
+    from fcdn.model import saved_model
+
     openvino_cache.model_files(path)  # links out and devices refused for every engine
     # named devices get their copy placed there; the one visible device needs no placement
     placed = device_names is not None or len(names) > 1
@@ -85,14 +90,14 @@ def load_predictor(saved_model_path, engine="auto", precision="float32", calibra
     """
     path = os.fspath(saved_model_path)
     check_engine(engine, precision)
-    from fcdn.model import saved_model  # here, not at the top: the scripts' --help and flag errors start no TensorFlow
-
-    metadata = saved_model.read_metadata(path)
+    metadata = read_metadata(path)
     openvino_cache.model_files(path)  # links out and devices refused for every engine
     openvino = _openvino_for(precision, engine)
     if engine == "auto":
         engine = "openvino" if openvino is not None and not _tensorflow_sees_a_gpu() else "tensorflow"
     if engine == "tensorflow":
+        from fcdn.model import saved_model  # here, not at the top: OpenVINO runs without TensorFlow
+
         predict, metadata = saved_model.load_saved_model(path)
         return predict, metadata, "tensorflow"
     model, record, line = openvino_model(openvino, path, metadata, precision, calibration_folder,
@@ -127,6 +132,10 @@ def _import_openvino():
 
 
 def _tensorflow_sees_a_gpu():
+    from fcdn.common import devices
+
+    if devices.no_gpu_without_loading_tensorflow():
+        return False
     import tensorflow as tf
 
     return bool(tf.config.list_physical_devices("GPU"))
@@ -167,9 +176,7 @@ def write_conversion(path, folder, precision="float32", calibration_folder=None,
     the conversion's record (record.json: precision, versions, the int8 gate) to `folder`, swapped in
     whole, for use with OpenVINO elsewhere; returns the record. ValueError (one line) as load_predictor."""
     openvino = _openvino_for(precision, "openvino")
-    from fcdn.model import saved_model
-
-    metadata = saved_model.read_metadata(path)
+    metadata = read_metadata(path)
     model, record, line = openvino_model(openvino, path, metadata, precision, calibration_folder,
                                          calibration_tiles, accuracy_control, log)
     if line is not None:
@@ -177,7 +184,7 @@ def write_conversion(path, folder, precision="float32", calibration_folder=None,
     try:
         with atomic_files.replacing_directory(folder) as staging:
             openvino_cache.save(openvino, model, staging)
-            shutil.copy2(os.path.join(path, saved_model.METADATA_FILENAME), staging)
+            shutil.copy2(os.path.join(path, METADATA_FILENAME), staging)
             with open(os.path.join(staging, openvino_cache.RECORD_NAME), "w") as handle:
                 json.dump(record, handle, indent=1, sort_keys=True)
     except OSError as error:
@@ -209,9 +216,6 @@ class OpenVinoPredictor:
     """predict(batch) on an OpenVINO model compiled once for the CPU, for any N, H and W."""
 
     def __init__(self, openvino, model, channels, precision="float32"):
-        import fcdensenet
-
-        self.check_input_size = fcdensenet.check_input_size
         hints = openvino.properties.hint
         self.channels = channels
         self.precision = precision
@@ -231,6 +235,6 @@ class OpenVinoPredictor:
         batch = np.asarray(batch, dtype=np.float32)
         if batch.ndim != 4 or batch.shape[-1] != self.channels:
             raise ValueError(f"predict wants an NHWC batch with {self.channels} channel(s), got shape {batch.shape}")
-        self.check_input_size(batch.shape[1], batch.shape[2])
+        check_input_size(batch.shape[1], batch.shape[2])
         self.request.infer({0: np.ascontiguousarray(batch)})
         return np.array(self.request.get_output_tensor(0).data, dtype=np.float32, copy=True)

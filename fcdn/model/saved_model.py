@@ -20,11 +20,13 @@ import fcdensenet
 from fcdn.common import atomic_files, errors
 from fcdn.data.records import SIZE_FACTOR
 from fcdn.model import receptive_field
-
-METADATA_FILENAME = "fcdensenet_metadata.json"
-METADATA_FORMAT_VERSION = 1
-NORMALIZATION = "zscore_per_channel"
-SERVING_ENDPOINT = "serve"
+from fcdn.model.metadata import (  # noqa: F401 (read_metadata: part of this module's API)
+    METADATA_FILENAME,
+    METADATA_FORMAT_VERSION,
+    NORMALIZATION,
+    SERVING_ENDPOINT,
+    read_metadata,
+)
 
 
 def _model_metadata(model, radius, extra_metadata):
@@ -88,28 +90,6 @@ def export_saved_model(model, path, extra_metadata=None, radius=None):
 def _is_our_export(path):
     return os.path.isdir(path) and (
         not os.listdir(path) or os.path.isfile(os.path.join(path, METADATA_FILENAME)))
-
-
-
-
-def read_metadata(path):
-    """The metadata dict of an export; ValueError (one line, naming the path) if it is not one of ours."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise ValueError(f"{path}: no such SavedModel directory")
-    metadata_path = os.path.join(path, METADATA_FILENAME)
-    if not os.path.isfile(metadata_path):
-        raise ValueError(f"{path}: not an FC-DenseNet SavedModel (no {METADATA_FILENAME})")
-    try:
-        with open(metadata_path) as handle:
-            metadata = json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{metadata_path}: unreadable metadata: {error}") from None
-    required = ("variant", "number_classes", "number_channels", "radius", "size_factor", "normalization")
-    missing = [key for key in required if not isinstance(metadata, dict) or key not in metadata]
-    if missing:
-        raise ValueError(f"{metadata_path}: metadata lacks {missing}")
-    return metadata
 
 
 def load_saved_model(path, device=None):
