@@ -38,7 +38,8 @@ def no_gpu_without_loading_tensorflow():
             pass
     if installed != {"tensorflow-cpu"}:
         return False
-    folders = [*site.getsitepackages(), site.getusersitepackages(), *sys.path]
+    # as TensorFlow looks for plugins: the site folders (some virtualenvs lack getsitepackages) and sys.path
+    folders = [*getattr(site, "getsitepackages", list)(), site.getusersitepackages(), *sys.path]
     return not any(os.path.isdir(os.path.join(folder, "tensorflow-plugins")) for folder in folders)
 
 
