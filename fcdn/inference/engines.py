@@ -6,7 +6,9 @@
     softmax = predict(batch)   # as saved_model.load_saved_model's predict: float32 NHWC in, softmax out
     predict, metadata, device_names, engine = load_model("runs/x/saved_model")   # every visible device
 
-"auto" picks OpenVINO when TensorFlow sees no GPU and the openvino package imports, else TensorFlow.
+"auto" picks OpenVINO when TensorFlow sees no GPU and the openvino package imports, else TensorFlow;
+where the installed packages rule a GPU out (devices.no_gpu_without_loading_tensorflow), TensorFlow
+is not loaded to ask, nor at all when the OpenVINO conversion is cached.
 OpenVINO reads the SavedModel itself (openvino.convert_model); the converted model is kept in this
 user's cache, outside the model folder, keyed by a hash of the SavedModel's files and the OpenVINO
 version (fcdn/inference/openvino_cache.py), so a re-exported model or another OpenVINO is converted
