@@ -27,7 +27,7 @@ import shutil
 
 import numpy as np
 
-from fcdn.common import atomic_files, errors
+from fcdn.common import atomic_files, devices, errors
 from fcdn.inference import int8, openvino_cache
 from fcdn.model.input_size import check_input_size
 from fcdn.model.metadata import METADATA_FILENAME, read_metadata
@@ -55,8 +55,6 @@ def load_model(path, engine="auto", device_names=None, **precision):
     check_engine(engine, precision.get("precision", "float32"))
     if not os.path.isdir(path):
         raise ValueError(f"{path}: SavedModel folder does not exist")
-    from fcdn.common import devices
-
     if precision.get("precision", "float32") != "float32":
         engine = "openvino"  # int8 models run on OpenVINO only
     if device_names is not None and engine == "openvino":
@@ -134,8 +132,6 @@ def _import_openvino():
 
 
 def _tensorflow_sees_a_gpu():
-    from fcdn.common import devices
-
     if devices.no_gpu_without_loading_tensorflow():
         return False
     import tensorflow as tf
