@@ -26,16 +26,10 @@ from keras import layers
 
 from fcdn.data.records import SIZE_FACTOR  # noqa: F401 (part of this module's API)
 from fcdn.model.input_size import NUMBER_POOLS, check_input_size  # noqa: F401 (part of this module's API)
+from fcdn.model.variants import BN_MOMENTUM, DEFAULT_VARIANT, VARIANTS  # noqa: F401 (part of this module's API)
 
-VARIANTS = {
-    "FCDenseNet56": {"layers_per_block": (4, 4, 4, 4, 4, 4), "growth_rate": 12},
-    "FCDenseNet67": {"layers_per_block": (5, 5, 5, 5, 5, 5), "growth_rate": 16},
-    "FCDenseNet103": {"layers_per_block": (4, 5, 7, 10, 12, 15), "growth_rate": 16},
-}
-DEFAULT_VARIANT = "FCDenseNet56"
 CUSTOM_NAME = "FCDenseNet-custom"
 FIRST_FILTERS = 48
-BN_MOMENTUM = 0.9
 LOGITS_LAYER = "logits"
 
 

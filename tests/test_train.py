@@ -627,6 +627,31 @@ def test_bad_input_fails_with_one_line(databases, tmp_path, case, expected):
     assert not left  # no reader worker outlives the trainer
 
 
+
+@pytest.mark.slow
+def test_flags_and_databases_are_checked_before_tensorflow_loads(databases, tmp_path):
+    # a mistyped flag or database answers at once, not after TensorFlow's seconds of start-up
+    probe = textwrap.dedent("""
+        import sys
+        import train_fcdensenet
+        try:
+            train_fcdensenet.main(sys.argv[1:])
+        except SystemExit as end:
+            print(end.code)
+        print("tensorflow loaded:", "tensorflow" in sys.modules)
+    """)
+    for extra in (["--batch_size", "0"], ["--crop_size", "48"]):
+        command = [sys.executable, "-c", probe, *train_command(databases, tmp_path / "run", *extra)[2:]]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+        assert result.stdout.splitlines()[0].startswith("error: --"), result.stdout + result.stderr
+        assert result.stdout.splitlines()[-1] == "tensorflow loaded: False"
+    missing = [sys.executable, "-c", probe, "--train_database", str(tmp_path / "typo.lmdb"), "--test_database",
+               databases["test"], "--output_dir", str(tmp_path / "run")]
+    result = subprocess.run(missing, capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert result.stdout.splitlines() == [f"error: {tmp_path / 'typo.lmdb'}: no such database (an LMDB directory "
+                                          "written by build_lmdb.py)", "tensorflow loaded: False"]
+    assert not (tmp_path / "run").exists()
+
 # ----------------------------------------------------------------------------------------------
 # multi-worker: two processes on this machine, as two nodes would run
 
@@ -827,7 +852,7 @@ def test_interrupted_twice_the_run_resumes_exactly(databases, tmp_path):
 
     import tensorflow as tf
 
-    from fcdn.training.recipe import learning_rate_at, rate_plan
+    from fcdn.training.schedule import learning_rate_at, rate_plan
 
     recipe = ["--batch_size", "2", "--test_every_n_steps", "4", "--max_epochs", "3", "--seed", "0",
               "--log_every_n_steps", "1", "--learning_rate", "1e-2", *RECIPE]

@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 from fcdn.training import recipe as R
+from fcdn.training import schedule as S
 from fcdn.training.run_folder import RunFolder, run_settings
 from train_fcdensenet import check_args, parse_args
 
@@ -20,14 +21,14 @@ PLAN = dict(warmup_steps=10, warmup_rate=1e-4, rate=1e-3, total_steps=110)
 
 
 def test_constant_schedule_is_the_reference_warm_up_then_one_rate():
-    plan = R.RatePlan(**PLAN)
-    assert [R.learning_rate_at(step, plan) for step in (0, 9, 10, 109, 5000)] == [1e-4, 1e-4, 1e-3, 1e-3, 1e-3]
+    plan = S.RatePlan(**PLAN)
+    assert [S.learning_rate_at(step, plan) for step in (0, 9, 10, 109, 5000)] == [1e-4, 1e-4, 1e-3, 1e-3, 1e-3]
 
 
 @pytest.mark.parametrize("schedule, middle", [("cosine", 0.5), ("poly", 0.5 ** 0.9)])
 def test_decaying_schedules_start_at_the_rate_and_reach_zero_at_the_last_epoch_end(schedule, middle):
-    plan = R.RatePlan(**PLAN, schedule=schedule)
-    rates = [R.learning_rate_at(step, plan) for step in range(120)]
+    plan = S.RatePlan(**PLAN, schedule=schedule)
+    rates = [S.learning_rate_at(step, plan) for step in range(120)]
     assert rates[:10] == [1e-4] * 10  # the warm-up is not touched
     assert rates[10] == pytest.approx(1e-3)
     assert rates[60] == pytest.approx(1e-3 * middle)  # half of the 100 steps after the warm-up
@@ -41,31 +42,31 @@ def test_decaying_schedules_start_at_the_rate_and_reach_zero_at_the_last_epoch_e
 
 
 def test_linear_warm_up_rises_from_the_warm_up_rate_to_the_rate_and_leaves_the_rest():
-    linear = R.RatePlan(**PLAN, schedule="poly", warmup="linear")
-    rates = [R.learning_rate_at(step, linear) for step in range(120)]
+    linear = S.RatePlan(**PLAN, schedule="poly", warmup="linear")
+    rates = [S.learning_rate_at(step, linear) for step in range(120)]
     assert rates[:10] == pytest.approx([1e-4 + 9e-5 * step for step in range(10)])  # 1e-4 .. 9.1e-4
     assert rates[10] == pytest.approx(1e-3)  # where the ramp would arrive: no jump
-    constant = R.RatePlan(**PLAN, schedule="poly")
-    assert rates[10:] == [R.learning_rate_at(step, constant) for step in range(10, 120)]
+    constant = S.RatePlan(**PLAN, schedule="poly")
+    assert rates[10:] == [S.learning_rate_at(step, constant) for step in range(10, 120)]
     args = parse_args(["--train_database", "t", "--test_database", "s", "--output_dir", "o",
                        "--warmup", "linear", "--learning_rate", "2e-3"])
-    from fcdn.training.recipe import rate_plan
+    from fcdn.training.schedule import rate_plan
 
     plan = rate_plan(args, warmup_steps=50)
     assert (plan.warmup, plan.warmup_rate) == ("linear", pytest.approx(2e-4))
-    assert R.learning_rate_at(25, plan) == pytest.approx(1.1e-3)
+    assert S.learning_rate_at(25, plan) == pytest.approx(1.1e-3)
     with pytest.raises(ValueError, match="unknown warm-up 'cubic'"):
-        R.learning_rate_at(0, R.RatePlan(**PLAN, warmup="cubic"))
+        S.learning_rate_at(0, S.RatePlan(**PLAN, warmup="cubic"))
 
 
 def test_decaying_schedule_spans_the_epochs_max_epochs_counts_the_warm_up_in():
     args = parse_args(["--train_database", "t", "--test_database", "s", "--output_dir", "o",
                        "--lr_schedule", "cosine", "--max_epochs", "9", "--test_every_n_steps", "50"])
-    from fcdn.training.recipe import rate_plan
+    from fcdn.training.schedule import rate_plan
 
     plan = rate_plan(args, warmup_steps=50)
     assert plan.total_steps == 450  # 50 warm-up steps + 8 epochs of 50
-    assert R.learning_rate_at(449, plan) > 0 == R.learning_rate_at(450, plan)
+    assert S.learning_rate_at(449, plan) > 0 == S.learning_rate_at(450, plan)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,7 +226,7 @@ def test_runs_from_before_the_flags_resume_with_todays_behaviour_and_new_runs_mu
 
     cosine = run_settings(args_of("--max_epochs", "9", "--lr_schedule", "cosine", "--weight_averaging", "1",
                                   "--loss", "dice_cross_entropy"), Augmentation())
-    assert (cosine["decay_epochs"], cosine["weight_averaging_decay"]) == (9, R.DEFAULT_AVERAGE_DECAY)
+    assert (cosine["decay_epochs"], cosine["weight_averaging_decay"]) == (9, S.DEFAULT_AVERAGE_DECAY)
     write_run(tmp_path / "new", cosine)
     assert RunFolder(str(tmp_path / "new")).check(cosine)[0] is not None
     for changed in (["--max_epochs", "12"], ["--loss", "cross_entropy"], ["--weight_averaging", "0"],

@@ -34,18 +34,20 @@ import tensorflow as tf
 from fcdn.common import atomic_files, errors, qc_pictures
 from fcdn.data import image_files, reader_worker, records
 from fcdn.model import saved_model
+from fcdn.training.run_files import (  # noqa: F401 (part of this module's API)
+    BEST_CHECKPOINT_DIR,
+    BIOIMAGEIO_PACKAGE,
+    CKPT_PREFIX,
+    CURVES_FILE,
+    PREDICTIONS_FILE,
+    RESUME_DIR,
+    SAVED_MODEL_DIR,
+    SETTINGS_FILE,
+    STATE_FILE,
+    TEST_LOSS_FILE,
+    TEST_METRICS_FILE,
+)
 
-SETTINGS_FILE = "run_settings.json"
-TEST_LOSS_FILE = "test_loss.csv"
-TEST_METRICS_FILE = "test_metrics.csv"
-BEST_CHECKPOINT_DIR = "checkpoint"
-SAVED_MODEL_DIR = "saved_model"
-RESUME_DIR = "resume"
-STATE_FILE = "state.json"
-CKPT_PREFIX = "ckpt"
-BIOIMAGEIO_PACKAGE = "model.bioimageio.zip"  # --export_bioimageio 1
-CURVES_FILE = "training_curves.png"
-PREDICTIONS_FILE = "test_predictions.png"
 PREDICTION_RECORDS = 16
 PREDICTION_BATCH = 4  # the records of one database share a shape
 # outputs that mark a folder as holding a training run (ours or the reference's)

@@ -20,8 +20,9 @@ from fcdn.common.stopping import Interrupted
 from fcdn.training.evaluation import TestPass, early_stopping_status, finished_reason, history_entry
 from fcdn.training.failures import StepCounters, own_worker_task
 from fcdn.training.readers import queue_text
-from fcdn.training.recipe import MAX_WARMUP_STEPS, WeightAverage, learning_rate_at, rate_plan
-from fcdn.training.run_folder import CKPT_PREFIX, SAVED_MODEL_DIR
+from fcdn.training.recipe import WeightAverage
+from fcdn.training.run_files import CKPT_PREFIX, SAVED_MODEL_DIR
+from fcdn.training.schedule import MAX_WARMUP_STEPS, learning_rate_at, rate_plan
 from fcdn.training.strategy import (
     build_optimizer,
     distribute,
