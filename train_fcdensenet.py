@@ -32,7 +32,7 @@ import os
 import sys
 
 from fcdn.common.errors import OneLineArgumentParser, fail
-from fcdn.common.startup import quiet_tensorflow
+from fcdn.common.startup import keep_freed_memory, quiet_tensorflow
 from fcdn.common.stopping import StopRequest
 from fcdn.data.records import SIZE_FACTOR
 from fcdn.model.variants import BN_MOMENTUM, DEFAULT_VARIANT, VARIANTS
@@ -184,6 +184,7 @@ def main(argv=None):
             fail(error)
         # TensorFlow's start-up takes seconds: a mistyped flag or database is answered before it
         quiet_tensorflow()
+        keep_freed_memory()
         from fcdn.training.run import run_training
 
         sys.exit(run_training(args, stop))
