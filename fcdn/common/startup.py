@@ -28,10 +28,10 @@ def keep_freed_memory():
     TensorFlow's CPU kernels allocate their large tensors afresh in every step. By default glibc
     serves each one with its own mmap and gives it back at once, so the next step touches brand-new
     pages and the kernel zero-fills every one (page faults, counted as system time): in a CPU
-    training of FCDenseNet56 that was a third of the CPU time, and the images per second rose from
-    1.7 to 2.9 without it (docs/training.md). Here large blocks come from the heap, and up to 1 GiB
-    freed at its top stays with the process. The cost: the process keeps its peak memory (about
-    0.9 GB more resident in that run) instead of handing it back between steps.
+    training of FCDenseNet56 that was 40% of the CPU time, and the images per second rose from 1.6
+    to 2.8 without it (bench/bench_kept_memory.py). Here large blocks come from the heap, and up to
+    1 GiB freed at its top stays with the process. The cost: the process keeps its peak memory
+    (3.6 GB instead of 2.4 GB in that run) instead of handing it back between steps.
 
     Left as it is where the C library is not glibc, or where the user set any MALLOC_ variable of
     their own (or preloads another allocator: glibc's settings then go unused)."""
