@@ -49,16 +49,16 @@ def train(databases, output, steps, environment):
                "--test_database", test_database, "--output_dir", output, "--test_every_n_steps", str(steps),
                "--log_every_n_steps", str(steps // 2), *QUICK_START]
     started = time.monotonic()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    # one pipe: reading two in turn could stall on the other one filling up
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env=dict(os.environ, **QUIET, **environment))
-    stdout = process.stdout.read()
-    stderr = process.stderr.read()
+    output = process.stdout.read()
     _, status, usage = os.wait4(process.pid, 0)  # this child's own figures, not every child's
     process.returncode = os.waitstatus_to_exitcode(status)
     wall = time.monotonic() - started
     if process.returncode != 0:
-        raise SystemExit(f"the trainer failed: {stderr.strip().splitlines()[-1:]}")
-    rates = re.findall(r"images/s ([0-9.]+)", stdout)
+        raise SystemExit(f"the trainer failed: {output.strip().splitlines()[-1:]}")
+    rates = re.findall(r"images/s ([0-9.]+)", output)
     return float(rates[-1]), wall, usage.ru_stime, usage.ru_minflt, usage.ru_maxrss / 1024
 
 
