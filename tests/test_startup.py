@@ -8,7 +8,8 @@ import textwrap
 import pytest
 from conftest import REPO_ROOT
 
-pytestmark = pytest.mark.slow  # fresh interpreters: the allocator's settings are per process
+pytestmark = [pytest.mark.slow,  # fresh interpreters: the allocator's settings are per process
+              pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")]
 
 # allocates, fills and frees 64 MiB through malloc, as a TensorFlow kernel's output is, then counts the
 # page faults of doing it again
@@ -40,7 +41,6 @@ def probe(mode, **environment):
     return made, int(faults)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_freed_memory_is_reused_without_new_page_faults():
     made, faults = probe("tuned")
     assert made == "True" and faults < PAGES // 10, faults

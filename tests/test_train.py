@@ -627,7 +627,6 @@ def test_bad_input_fails_with_one_line(databases, tmp_path, case, expected):
     assert not left  # no reader worker outlives the trainer
 
 
-
 @pytest.mark.slow
 def test_flags_and_databases_are_checked_before_tensorflow_loads(databases, tmp_path):
     # a mistyped flag or database answers at once, not after TensorFlow's seconds of start-up
@@ -651,6 +650,7 @@ def test_flags_and_databases_are_checked_before_tensorflow_loads(databases, tmp_
     assert result.stdout.splitlines() == [f"error: {tmp_path / 'typo.lmdb'}: no such database (an LMDB directory "
                                           "written by build_lmdb.py)", "tensorflow loaded: False"]
     assert not (tmp_path / "run").exists()
+
 
 # ----------------------------------------------------------------------------------------------
 # multi-worker: two processes on this machine, as two nodes would run
